@@ -1,0 +1,148 @@
+"""The mitmproxy addon: matches Responses WebSocket upgrades and hands them to the bridge."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any
+
+from mitmproxy import ctx, http
+from mitmproxy.exceptions import OptionsError
+from mitmproxy.hooks import UpdateHook
+
+from .bridge import TOKEN_HEADER, Bridge, Session
+from .chain import ChainStore
+from .errors import http_error_body
+from .rules import Rules, RulesError, load_rules
+from .upstream import HandshakeFailed, Target, forwardable
+
+log = logging.getLogger(__name__)
+
+MARK_RECOVERED = ":recycle:"
+MARK_FAILED = ":no_entry:"
+
+
+def is_websocket_upgrade(request: http.Request) -> bool:
+    return request.headers.get("upgrade", "").lower() == "websocket"
+
+
+def upstream_url(request: http.Request) -> str:
+    scheme = "wss" if request.scheme == "https" else "ws"
+    host = request.host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{request.port}{request.path}"
+
+
+class ReplayGuard:
+    """Keeps Responses WebSocket conversations alive across upstream connection failures."""
+
+    def __init__(self) -> None:
+        self.rules: Rules | None = None
+        self.store = ChainStore()
+        self.bridge = Bridge()
+        self.flows: dict[str, http.HTTPFlow] = {}
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "replayguard_rules", str, "",
+            "replayguard rules file (YAML). Default: rules.yaml beside addon.py.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "replayguard_rules" in updated or self.rules is None:
+            try:
+                rules = load_rules(ctx.options.replayguard_rules or None)
+            except RulesError as e:
+                raise OptionsError(f"replayguard: bad rules file: {e}") from None
+            self.rules = rules
+            self.store.max_records = rules.limits.max_saved_responses
+            log.info("replayguard: rules from %s (policy %s)", rules.source, rules.recovery.policy.value)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        request = flow.request
+        if flow.response is not None or self.rules is None or not is_websocket_upgrade(request):
+            return
+        if not self.rules.matches(request.host, request.path, flow):
+            return
+        rules = self.rules
+        await self.bridge.ensure_started()
+        protocols = request.headers.get("sec-websocket-protocol")
+        target = Target(
+            url=upstream_url(request),
+            headers=forwardable(request.headers.items(multi=True), drop=[TOKEN_HEADER]),
+            user_agent=request.headers.get("user-agent"),
+            subprotocols=[p.strip() for p in protocols.split(",")] if protocols else None,
+            ssl_context=self._ssl_context(),
+            connect_timeout=rules.upstream.connect_timeout,
+            max_size=rules.upstream.max_message_size,
+        )
+        session = Session(flow.id, target, rules, self.store, self._notify)
+        try:
+            await session.open()
+        except HandshakeFailed as e:
+            flow.response = self._refusal(e)
+            log.warning("flow %s: upstream handshake to %s failed: %s -> HTTP %d to client",
+                        flow.id, target.url, e.detail, flow.response.status_code)
+            flow.marked = MARK_FAILED
+            flow.comment = f"replayguard: upstream handshake failed: {e.detail}"
+            return
+        token = self.bridge.register(session)
+        self.flows[flow.id] = flow
+        flow.metadata["replayguard_upstream"] = target.url
+        request.headers[TOKEN_HEADER] = token
+        request.scheme = "http"
+        request.host = "127.0.0.1"
+        request.port = self.bridge.port
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self.flows.pop(flow.id, None)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.bridge.discard(flow.id)
+        self.flows.pop(flow.id, None)
+
+    async def done(self) -> None:
+        await self.bridge.stop()
+
+    # -- helpers ----------------------------------------------------------------------------------
+    @staticmethod
+    def _refusal(e: HandshakeFailed) -> http.Response:
+        status = e.status if e.status and e.status >= 400 else 502
+        if e.status and e.body and "json" in e.content_type:
+            body = e.body  # the upstream's own error, unchanged
+        else:
+            body = http_error_body(status, "upstream_handshake_failed", e.detail)
+        return http.Response.make(status, body, {"content-type": "application/json"})
+
+    @staticmethod
+    def _ssl_context() -> ssl.SSLContext:
+        """TLS for the addon's own upstream connections, following mitmproxy's options."""
+        opts = ctx.options
+        cafile = getattr(opts, "ssl_verify_upstream_trusted_ca", None)
+        capath = getattr(opts, "ssl_verify_upstream_trusted_confdir", None)
+        if not cafile and not capath:
+            try:
+                import certifi
+
+                cafile = certifi.where()
+            except ImportError:  # pragma: no cover - certifi comes with mitmproxy
+                pass
+        context = ssl.create_default_context(cafile=cafile or None, capath=capath or None)
+        if getattr(opts, "ssl_insecure", False):
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def _notify(self, flow_id: str, kind: str, text: str) -> None:
+        """Show what happened in mitmweb: a marker and a comment line on the flow."""
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            return
+        flow.marked = MARK_FAILED if kind == "failed" else MARK_RECOVERED
+        line = f"replayguard: {text}"
+        flow.comment = f"{flow.comment}\n{line}" if flow.comment else line
+        try:
+            ctx.master.addons.trigger(UpdateHook([flow]))
+        except Exception:  # no master (unit tests) or shutting down
+            pass

@@ -1,0 +1,502 @@
+"""The loopback bridge: a WebSocket server inside the mitmproxy process that owns the client side of every
+matched flow, so the client's connection can outlive any number of upstream connections.
+
+mitmproxy relays (and records) messages between the client and this server; a :class:`Session` relays them
+on to the addon's own upstream connection, feeds the replay state, watches the upstream, and carries out the
+recovery decision (:mod:`replayguard.recovery`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from http import HTTPStatus
+from typing import Any, Callable, Coroutine
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from .chain import Chain, ChainStore, RequestError, Turn
+from .recovery import Action, Decision, Situation, Trigger, decide, handshake_failed
+from .rules import Rules
+from .upstream import HandshakeFailed, Target, Upstream, open_upstream
+
+log = logging.getLogger(__name__)
+logging.getLogger("websockets").setLevel(logging.WARNING)  # it logs every frame at DEBUG otherwise
+
+TOKEN_HEADER = "x-replayguard-session"
+PENDING_TTL = 30.0  # seconds a registered session waits for mitmproxy to connect to the bridge
+
+# (flow id, kind, text): kind is "recovered", "failed" or "info"
+Notify = Callable[[str, str, str], None]
+
+
+class Session:
+    """One client WebSocket session: the replay state plus the I/O around it."""
+
+    def __init__(self, flow_id: str, target: Target, rules: Rules, store: ChainStore, notify: Notify | None = None):
+        self.flow_id = flow_id
+        self.target = target
+        self.rules = rules
+        self.chain = Chain(store, rules.limits.max_chain_bytes)
+        self.notify = notify or (lambda *_: None)
+        self.upstream: Upstream | None = None
+        self.client: ServerConnection | None = None
+        self.closed = False
+        self.recoveries = 0
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._inflight: tuple[Turn, Upstream] | None = None  # the turn in flight and where it was sent
+        self._event_seen = False  # an upstream event arrived since the turn was sent
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Open the first upstream connection (raises HandshakeFailed)."""
+        self.upstream = await open_upstream(self.target)
+
+    async def run(self, client: ServerConnection) -> None:
+        self.client = client
+        if self.upstream is not None:
+            self._spawn(self._read_upstream(self.upstream))
+        if self.rules.upstream.keepalive_interval > 0:
+            self._spawn(self._keepalive())
+        try:
+            async for message in client:
+                await self._from_client(message)
+        except ConnectionClosed:
+            pass
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Free everything; closing the upstream stops a response still being generated."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.chain.abort_turn() is not None:
+            log.info("flow %s: client left mid-turn; upstream response stopped", self.flow_id)
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        if self.upstream is not None:
+            self.upstream.lost = self.upstream.lost or "session closed"
+            await self._close_ws(self.upstream, 1000, "client went away")
+        if self.client is not None:
+            await self._close_ws_client(1000, "")
+        self._inflight = None
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- client -> upstream -----------------------------------------------------------------------
+    async def _from_client(self, message: str | bytes) -> None:
+        if isinstance(message, str):
+            try:
+                obj = json.loads(message)
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict) and obj.get("type") == "response.create":
+                await self._create(obj, message)
+                return
+        async with self._lock:
+            conn = await self._usable_upstream()
+            if conn is not None:
+                await self._send(conn, message)
+
+    async def _create(self, request: dict[str, Any], raw: str) -> None:
+        try:
+            turn = self.chain.begin_turn(request, raw)
+        except RequestError as e:
+            log.debug("flow %s: passing unreadable response.create through: %s", self.flow_id, e)
+            async with self._lock:
+                conn = await self._usable_upstream()
+                if conn is not None:
+                    await self._send(conn, raw)
+            return
+        async with self._lock:
+            trigger = await self._preflight(turn)
+            if trigger is not None:
+                await self._recover_locked(turn, trigger)
+                return
+            assert self.upstream is not None
+            payload = raw
+            if self.chain.needs_rewrite(turn):
+                payload = self._resume_payload(turn, raw)
+            await self._send_turn(self.upstream, turn, payload)
+
+    def _resume_payload(self, turn: Turn, raw: str) -> str:
+        """previous_response_id names a response this connection does not hold (a client that reconnected,
+        or a retry after an error): rebuild the request from the chain state when that is safe."""
+        situation = self._situation(turn, Trigger.RESUME, attempts=0)
+        decision = decide(situation)
+        if decision.action is not Action.REPLAY:
+            return raw  # the upstream answers for itself
+        log.info(
+            "flow %s turn %d: previous_response_id %s is not on this upstream connection -> replayed full input (%d items)",
+            self.flow_id,
+            turn.number,
+            turn.previous_id,
+            len(situation.replay or ()),
+        )
+        self.notify(self.flow_id, "recovered", f"turn {turn.number}: resumed {turn.previous_id} from chain state")
+        return json.dumps(turn.replay_request())
+
+    async def _preflight(self, turn: Turn) -> Trigger | None:
+        """Is the upstream connection fit for this turn? Returns why not, or None."""
+        conn = self.upstream
+        cfg = self.rules.upstream
+        if conn is None:
+            return Trigger.CLOSED
+        if not conn.alive:
+            return conn.lost if isinstance(conn.lost, Trigger) else Trigger.CLOSED
+        if conn.age() >= cfg.rotation_age:
+            conn.lost = Trigger.ROTATION
+            self._spawn(self._close_ws(conn, 1000, "rotated"))
+            return Trigger.ROTATION
+        if turn.previous_id is not None and conn.idle_for() >= cfg.ping_idle:
+            if not await conn.ping(cfg.ping_timeout):
+                self._declare_dead(conn, Trigger.PING_TIMEOUT, f"no pong within {cfg.ping_timeout:g}s")
+                return Trigger.PING_TIMEOUT
+        return None
+
+    async def _usable_upstream(self) -> Upstream | None:
+        """The current upstream connection, reconnected if it died (for messages other than response.create)."""
+        if self.upstream is not None and self.upstream.alive:
+            return self.upstream
+        try:
+            conn = await open_upstream(self.target)
+        except HandshakeFailed as e:
+            await self._fail(None, handshake_failed(Trigger.CLOSED, e.status, e.detail))
+            return None
+        self._replace_upstream(conn)
+        return conn
+
+    async def _send(self, conn: Upstream, message: str | bytes) -> None:
+        try:
+            await conn.ws.send(message)
+        except ConnectionClosed:
+            self._declare_dead(conn, Trigger.CLOSED, "closed while sending")
+
+    async def _send_turn(self, conn: Upstream, turn: Turn, payload: str) -> None:
+        self._inflight = (turn, conn)
+        self._event_seen = False
+        attempt = turn.attempts
+        await self._send(conn, payload)
+        self._spawn(self._watch_first_event(conn, turn, attempt))
+
+    async def _watch_first_event(self, conn: Upstream, turn: Turn, attempt: int) -> None:
+        timeout = self.rules.upstream.first_event_timeout
+        await asyncio.sleep(timeout)
+        if self._inflight == (turn, conn) and turn.attempts == attempt and not self._event_seen:
+            self._declare_dead(conn, Trigger.FIRST_EVENT_TIMEOUT, f"nothing within {timeout:g}s of sending the turn")
+
+    # -- upstream -> client -----------------------------------------------------------------------
+    async def _read_upstream(self, conn: Upstream) -> None:
+        try:
+            async for message in conn.ws:
+                conn.last_heard = time.monotonic()
+                if conn is self.upstream and conn.alive:
+                    await self._from_upstream(conn, message)
+        except ConnectionClosed:
+            pass
+        except Exception:  # never let one bad frame take the proxy down
+            log.exception("flow %s: upstream reader failed", self.flow_id)
+        finally:
+            ws = conn.ws
+            if ws.protocol.close_rcvd is None:
+                self._declare_dead(conn, Trigger.DROPPED, "no close frame (TCP dropped)")
+            else:
+                self._declare_dead(conn, Trigger.CLOSED, f"close code {ws.close_code} {ws.close_reason or ''}".strip())
+
+    async def _from_upstream(self, conn: Upstream, message: str | bytes) -> None:
+        inflight = self._inflight is not None and self._inflight[1] is conn
+        if inflight:
+            self._event_seen = True
+        if isinstance(message, bytes):
+            await self._to_client(message)
+            return
+        try:
+            event = json.loads(message)
+        except ValueError:
+            await self._to_client(message)
+            return
+        if not isinstance(event, dict):
+            await self._to_client(message)
+            return
+        turn = self.chain.turn
+        if event.get("type") == "error" and self._swallow_error(conn, event, turn if inflight else None):
+            return
+        result = self.chain.on_event(event, len(message))
+        if turn is not None and inflight:
+            turn.forwarded = True
+        await self._to_client(message)
+        if result is not None:
+            self._inflight = None
+            if result.evicted_bytes:
+                log.warning(
+                    "flow %s turn %d: chain history reached %d bytes (max_chain_bytes %d): evicted, no longer replayable",
+                    self.flow_id, result.turn.number, result.evicted_bytes, self.chain.max_chain_bytes,
+                )
+            if result.evicted_records:
+                log.info("replayguard: evicted %d saved response(s) (max_saved_responses)", result.evicted_records)
+
+    def _swallow_error(self, conn: Upstream, event: dict[str, Any], turn: Turn | None) -> bool:
+        """Errors that mean 'this connection cannot serve the chain' are recovered, not forwarded,
+        as long as nothing of the turn reached the client."""
+        error = event.get("error")
+        code = error.get("code") if isinstance(error, dict) else None
+        if code == "websocket_connection_limit_reached":
+            trigger = Trigger.CONNECTION_LIMIT
+        elif code == "previous_response_not_found" and turn is not None and turn.full_input() is not None:
+            trigger = Trigger.PREVIOUS_NOT_FOUND
+        else:
+            return False
+        if turn is None:
+            if self.chain.turn is not None:
+                return False  # the turn went elsewhere; let the client see it
+            # Idle: the connection is finished; the next turn opens a new one.
+            conn.lost = trigger
+            self._spawn(self._close_ws(conn, 1000, "connection limit"))
+            log.info("flow %s: %s while idle; next turn reconnects", self.flow_id, trigger.value)
+            return True
+        if turn.forwarded:
+            return False
+        conn.lost = trigger
+        self._spawn(self._close_ws(conn, 1000, "replaced"))
+        self._spawn(self._recover(turn, trigger))
+        return True
+
+    async def _to_client(self, message: str | bytes) -> None:
+        if self.client is None:
+            return
+        try:
+            await self.client.send(message)
+        except ConnectionClosed:
+            await self.close()
+
+    # -- loss and recovery ------------------------------------------------------------------------
+    def _declare_dead(self, conn: Upstream, trigger: Trigger, detail: str) -> None:
+        if conn.lost is not None:
+            return
+        conn.lost = trigger
+        conn.abort()
+        if conn is not self.upstream or self.closed:
+            return
+        inflight = self._inflight
+        if inflight is not None and inflight[1] is conn and self.chain.turn is inflight[0]:
+            self._spawn(self._recover(inflight[0], trigger, detail))
+        else:
+            log.info("flow %s: upstream connection lost while idle (%s: %s); next turn reconnects",
+                     self.flow_id, trigger.value, detail)
+
+    async def _recover(self, turn: Turn, trigger: Trigger, detail: str = "") -> None:
+        async with self._lock:
+            if self.closed or self.chain.turn is not turn:
+                return
+            await self._recover_locked(turn, trigger, detail)
+
+    def _situation(self, turn: Turn, trigger: Trigger, attempts: int) -> Situation:
+        cfg = self.rules.recovery
+        return Situation(
+            trigger=trigger,
+            policy=cfg.policy,
+            attempts=attempts,
+            max_retries=cfg.max_retries,
+            previous_id=turn.previous_id,
+            previous_stored=turn.base_store,
+            payload_input=turn.new_items,
+            replay=turn.full_input(),
+            client_saw_output=turn.forwarded,
+        )
+
+    async def _recover_locked(self, turn: Turn, trigger: Trigger, detail: str = "") -> None:
+        decision = decide(self._situation(turn, trigger, turn.attempts))
+        if decision.fails:
+            await self._fail(turn, decision)
+            return
+        if trigger is not Trigger.ROTATION:
+            turn.attempts += 1
+        try:
+            conn = await open_upstream(self.target)
+        except HandshakeFailed as e:
+            await self._fail(turn, handshake_failed(trigger, e.status, e.detail))
+            return
+        if self.closed:
+            await self._close_ws(conn, 1000, "client went away")
+            return
+        self._replace_upstream(conn)
+        if decision.action is Action.REPLAY:
+            payload = json.dumps(turn.replay_request())
+        else:
+            payload = turn.raw
+        self.recoveries += 1
+        level = logging.DEBUG if trigger is Trigger.ROTATION else logging.INFO
+        log.log(
+            level,
+            "flow %s turn %d: %s%s -> %s (upstream #%d)",
+            self.flow_id, turn.number, trigger.value, f" ({detail})" if detail else "",
+            decision.action.value, conn.id,
+        )
+        if trigger is not Trigger.ROTATION:
+            self.notify(self.flow_id, "recovered", f"turn {turn.number}: {trigger.value} -> {decision.action.value}")
+        await self._send_turn(conn, turn, payload)
+
+    def _replace_upstream(self, conn: Upstream) -> None:
+        old = self.upstream
+        if old is not None and old is not conn:
+            old.lost = old.lost or "replaced"
+            self._spawn(self._close_ws(old, 1000, "replaced"))
+        self.upstream = conn
+        self.chain.connection_reset()
+        self._spawn(self._read_upstream(conn))
+
+    async def _fail(self, turn: Turn | None, decision: Decision) -> None:
+        """Fail closed: tell the client why (an upstream-shaped error event), then close it."""
+        self.chain.abort_turn()
+        self._inflight = None
+        number = turn.number if turn is not None else "-"
+        log.warning("flow %s turn %s: %s -> failed closed (close %d)", self.flow_id, number, decision.reason,
+                    decision.close_code)
+        self.notify(self.flow_id, "failed", f"turn {number}: {decision.reason} -> failed closed")
+        if self.client is not None and decision.error is not None:
+            try:
+                await self.client.send(json.dumps(decision.error))
+            except ConnectionClosed:
+                pass
+        await self._close_ws_client(decision.close_code, decision.close_reason)
+        if self.upstream is not None:
+            self.upstream.lost = self.upstream.lost or "failed closed"
+            self._spawn(self._close_ws(self.upstream, 1000, "failed closed"))
+
+    async def _keepalive(self) -> None:
+        cfg = self.rules.upstream
+        while not self.closed:
+            await asyncio.sleep(cfg.keepalive_interval)
+            conn = self.upstream
+            if conn is None or not conn.alive or self.chain.turn is not None:
+                continue
+            if conn.idle_for() < cfg.keepalive_interval:
+                continue
+            if not await conn.ping(cfg.ping_timeout) and conn.alive and self.chain.turn is None:
+                self._declare_dead(conn, Trigger.PING_TIMEOUT, f"keepalive: no pong within {cfg.ping_timeout:g}s")
+
+    # -- helpers ----------------------------------------------------------------------------------
+    @staticmethod
+    async def _close_ws(conn: Upstream, code: int, reason: str) -> None:
+        try:
+            await asyncio.wait_for(conn.ws.close(code, reason), 2)
+        except Exception:
+            conn.abort()
+
+    async def _close_ws_client(self, code: int, reason: str) -> None:
+        if self.client is None:
+            return
+        try:
+            await asyncio.wait_for(self.client.close(code, reason), 2)
+        except Exception:
+            transport = self.client.transport
+            if transport is not None:
+                transport.abort()
+
+
+class Bridge:
+    """The loopback WebSocket server mitmproxy's matched flows are pointed at."""
+
+    def __init__(self) -> None:
+        self._server: Server | None = None
+        self._starting: asyncio.Lock | None = None
+        self.port: int = 0
+        self.pending: dict[str, tuple[Session, asyncio.TimerHandle]] = {}
+        self.active: set[Session] = set()
+
+    async def ensure_started(self) -> int:
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._server is None:
+                self._server = await serve(
+                    self._handler,
+                    "127.0.0.1",
+                    0,
+                    process_request=self._process_request,
+                    process_response=self._process_response,
+                    select_subprotocol=self._select_subprotocol,
+                    ping_interval=None,
+                    max_size=None,  # per session, set in the handler
+                    max_queue=64,
+                )
+                self.port = self._server.sockets[0].getsockname()[1]
+                log.debug("replayguard bridge listening on 127.0.0.1:%d", self.port)
+        return self.port
+
+    def register(self, session: Session) -> str:
+        token = secrets.token_urlsafe(18)
+        handle = asyncio.get_running_loop().call_later(PENDING_TTL, self._expire, token)
+        self.pending[token] = (session, handle)
+        return token
+
+    def discard(self, flow_id: str) -> None:
+        """The flow ended before it reached the bridge (client gone, or an error)."""
+        for token, (session, _) in list(self.pending.items()):
+            if session.flow_id == flow_id:
+                self._expire(token)
+
+    def _expire(self, token: str) -> None:
+        entry = self.pending.pop(token, None)
+        if entry is not None:
+            entry[1].cancel()
+            asyncio.ensure_future(entry[0].close())
+
+    def _session(self, request: Any) -> Session | None:
+        entry = self.pending.get(request.headers.get(TOKEN_HEADER, ""))
+        return entry[0] if entry else None
+
+    def _process_request(self, connection: ServerConnection, request: Any) -> Any:
+        if self._session(request) is None:
+            return connection.respond(HTTPStatus.FORBIDDEN, "unknown or expired replayguard session\n")
+        return None
+
+    def _process_response(self, connection: ServerConnection, request: Any, response: Any) -> None:
+        session = self._session(request)
+        if session is None or session.upstream is None:
+            return
+        # Hand the upstream's handshake headers (x-codex-turn-state, request ids, ...) to the client.
+        for name, value in session.upstream.response_headers():
+            response.headers[name] = value
+
+    def _select_subprotocol(self, connection: ServerConnection, subprotocols: Any) -> Any:
+        session = self._session(connection.request)
+        if session is None or session.upstream is None:
+            return None
+        return session.upstream.ws.subprotocol
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        token = ws.request.headers.get(TOKEN_HEADER, "") if ws.request else ""
+        entry = self.pending.pop(token, None)
+        if entry is None:
+            await ws.close(1008, "unknown replayguard session")
+            return
+        session, handle = entry
+        handle.cancel()
+        ws.protocol.max_size = session.target.max_size
+        self.active.add(session)
+        try:
+            await session.run(ws)
+        finally:
+            self.active.discard(session)
+
+    async def stop(self) -> None:
+        for token in list(self.pending):
+            self._expire(token)
+        for session in list(self.active):
+            await session.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None

@@ -1,0 +1,109 @@
+"""The recovery decision: what to do with a turn whose upstream connection is gone.
+
+Everything that decides between resending, replaying and failing closed is in :func:`decide`; the I/O layer
+only gathers a :class:`Situation` and carries out the :class:`Decision`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from . import errors
+from .pairing import find_orphans, is_tool_output
+
+
+class Trigger(str, enum.Enum):
+    """How the upstream connection was found dead (or why it is being replaced)."""
+
+    CLOSED = "upstream closed"
+    DROPPED = "upstream connection dropped"
+    PING_TIMEOUT = "no pong within ping timeout"
+    FIRST_EVENT_TIMEOUT = "no event within first event timeout"
+    PREVIOUS_NOT_FOUND = "upstream answered previous_response_not_found"
+    CONNECTION_LIMIT = "upstream connection limit reached"
+    ROTATION = "connection rotated before its age limit"
+    RESUME = "previous_response_id is not on this upstream connection"
+
+
+# Triggers that are not failures: they do not use up the turn's retries.
+ROUTINE = frozenset({Trigger.ROTATION, Trigger.RESUME})
+
+
+class Policy(str, enum.Enum):
+    PAIR_AWARE = "pair-aware"
+    STRICT = "strict"
+
+
+class Action(str, enum.Enum):
+    SEND = "resend unchanged on a fresh connection"
+    REPLAY = "replay full input without previous_response_id on a fresh connection"
+    FAIL = "fail closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Situation:
+    trigger: Trigger
+    policy: Policy
+    attempts: int  # recoveries already tried for this turn
+    max_retries: int
+    previous_id: str | None
+    previous_stored: bool  # the previous response is stored server-side (store=true)
+    payload_input: list[Any]  # the input items the client sent in this turn
+    replay: list[Any] | None  # full replayed input, None when the history is unknown
+    client_saw_output: bool  # part of this turn's output already reached the client
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    reason: str
+    error: dict[str, Any] | None = None  # event sent to the client before the close
+    close_code: int = errors.CLOSE_INTERNAL
+    close_reason: str = ""
+
+    @property
+    def fails(self) -> bool:
+        return self.action is Action.FAIL
+
+
+def _fail(reason: str, event: dict[str, Any] | None, code: int = errors.CLOSE_INTERNAL, text: str = "") -> Decision:
+    return Decision(Action.FAIL, reason, event, code, errors.close_reason(text or errors.PREFIX + reason))
+
+
+def decide(s: Situation) -> Decision:
+    """Decide how to carry a turn over to a fresh upstream connection, or to fail closed."""
+    cause = s.trigger.value
+    if s.client_saw_output:
+        reason = f"{cause} after part of the response reached the client"
+        return _fail(reason, errors.server_error("upstream_stream_interrupted", reason))
+    if s.trigger not in ROUTINE and s.attempts >= s.max_retries:
+        reason = f"{cause}; {s.attempts} recovery attempt(s) already made for this turn (max retries {s.max_retries})"
+        return _fail(reason, errors.server_error("upstream_retries_exhausted", reason))
+    if s.policy is Policy.STRICT and (
+        any(map(is_tool_output, s.payload_input)) or any(map(is_tool_output, s.replay or ()))
+    ):
+        reason = f"{cause}; strict policy: a tool output is involved"
+        return _fail(reason, None, errors.CLOSE_POLICY, errors.STRICT_CLOSE_REASON)
+    if s.previous_id is None or s.previous_stored:
+        return Decision(Action.SEND, f"{cause}; request does not depend on the lost connection")
+    if s.replay is None:
+        reason = f"{cause}; no chain state for previous_response_id {s.previous_id!r}, cannot replay"
+        return _fail(reason, errors.not_found(reason + "; resend the full input"))
+    orphans = find_orphans(s.replay)
+    if orphans:
+        o = orphans[0]
+        reason = (
+            f"{cause}; replay would orphan {o.item_type} call_id {o.call_id!r} "
+            f"(input item {o.index}): its call is not in the chain"
+        )
+        return _fail(reason, errors.not_found(reason + "; resend the full input"))
+    return Decision(Action.REPLAY, f"{cause}; replay is self-consistent")
+
+
+def handshake_failed(trigger: Trigger, status: int | None, detail: str) -> Decision:
+    """The fresh connection a recovery needed could not be opened."""
+    what = f"HTTP {status}" if status else detail
+    reason = f"{trigger.value}; reconnect handshake failed: {what}"
+    return _fail(reason, errors.server_error("upstream_unavailable", reason))

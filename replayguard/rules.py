@@ -1,0 +1,232 @@
+"""rules.yaml: which flows replayguard handles and how it recovers them.
+
+Loading validates every key against a schema and reports the first mistake as ``file:line: reason``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .recovery import Policy
+
+DEFAULT_RULES = Path(__file__).resolve().parent.parent / "rules.yaml"
+
+
+class RulesError(ValueError):
+    def __init__(self, path: str, line: int | None, reason: str) -> None:
+        self.path, self.line, self.reason = path, line, reason
+        where = f"{path}:{line}" if line is not None else path
+        super().__init__(f"{where}: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class MatchRule:
+    """One matcher: host and path are shell-style globs; ``filter`` is a mitmproxy flow filter expression."""
+
+    host: str | None = None
+    path: str | None = None
+    filter: str | None = None
+    _compiled: Any = field(default=None, compare=False, repr=False)
+
+    def matches(self, host: str, path: str, flow: Any = None) -> bool:
+        if self.host is not None and not fnmatch.fnmatchcase(host.lower(), self.host.lower()):
+            return False
+        if self.path is not None and not fnmatch.fnmatchcase(path.split("?", 1)[0], self.path):
+            return False
+        if self._compiled is not None and (flow is None or not self._compiled(flow)):
+            return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRules:
+    ping_idle: float = 20.0
+    ping_timeout: float = 2.0
+    keepalive_interval: float = 15.0
+    first_event_timeout: float = 10.0
+    rotation_age: float = 3300.0
+    connect_timeout: float = 10.0
+    max_message_size: int = 64 * 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryRules:
+    policy: Policy = Policy.PAIR_AWARE
+    max_retries: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class LimitRules:
+    max_chain_bytes: int = 256 * 2**20
+    max_saved_responses: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    match: tuple[MatchRule, ...]
+    upstream: UpstreamRules = UpstreamRules()
+    recovery: RecoveryRules = RecoveryRules()
+    limits: LimitRules = LimitRules()
+    source: str = "<defaults>"
+
+    def matches(self, host: str, path: str, flow: Any = None) -> bool:
+        return any(rule.matches(host, path, flow) for rule in self.match)
+
+
+# -- validation ----------------------------------------------------------------------------------
+Check = Callable[[Any], Any]
+
+
+def _number(minimum: float, integer: bool = False) -> Check:
+    def check(value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+            raise ValueError(f"expected {'an integer' if integer else 'a number'} >= {minimum:g}, got {value!r}")
+        if value < minimum:
+            raise ValueError(f"expected {'an integer' if integer else 'a number'} >= {minimum:g}, got {value!r}")
+        return value
+
+    return check
+
+
+def _policy(value: Any) -> Policy:
+    try:
+        return Policy(value)
+    except ValueError:
+        raise ValueError(f"expected one of {', '.join(p.value for p in Policy)}, got {value!r}") from None
+
+
+def _glob(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string (a glob), got {value!r}")
+    return value
+
+
+def _filter(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a mitmproxy filter expression, got {value!r}")
+    return value
+
+
+SECTIONS: dict[str, tuple[type, dict[str, Check]]] = {
+    "upstream": (
+        UpstreamRules,
+        {
+            "ping_idle": _number(0),
+            "ping_timeout": _number(0.001),
+            "keepalive_interval": _number(0),
+            "first_event_timeout": _number(0.001),
+            "rotation_age": _number(1),
+            "connect_timeout": _number(0.001),
+            "max_message_size": _number(1024, integer=True),
+        },
+    ),
+    "recovery": (RecoveryRules, {"policy": _policy, "max_retries": _number(0, integer=True)}),
+    "limits": (LimitRules, {"max_chain_bytes": _number(1, integer=True), "max_saved_responses": _number(1, integer=True)}),
+}
+MATCH_KEYS: dict[str, Check] = {"host": _glob, "path": _glob, "filter": _filter}
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _mapping(node: yaml.Node, path: str, what: str) -> list[tuple[yaml.ScalarNode, yaml.Node]]:
+    if not isinstance(node, yaml.MappingNode):
+        raise RulesError(path, _line(node), f"{what} must be a mapping")
+    seen: set[str] = set()
+    for key, _ in node.value:
+        if not isinstance(key, yaml.ScalarNode):
+            raise RulesError(path, _line(key), f"{what}: keys must be plain names")
+        if key.value in seen:
+            raise RulesError(path, _line(key), f"{what}: duplicate key {key.value!r}")
+        seen.add(key.value)
+    return node.value  # type: ignore[return-value]
+
+
+def _value(node: yaml.Node) -> Any:
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node, deep=True)
+    finally:
+        loader.dispose()
+
+
+def _compile_filter(expr: str) -> Any:
+    from mitmproxy import flowfilter  # only config needs mitmproxy; the core stays free of it
+
+    try:
+        return flowfilter.parse(expr)
+    except ValueError as e:
+        raise ValueError(f"invalid filter expression {expr!r}: {e}") from None
+
+
+def parse_rules(text: str, path: str = "<rules>") -> Rules:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        raise RulesError(path, mark.line + 1 if mark else None, f"invalid YAML: {e.problem or e}") from None
+    if root is None:
+        raise RulesError(path, None, "the file is empty; it needs at least a 'match' list")
+    match: tuple[MatchRule, ...] | None = None
+    sections: dict[str, Any] = {}
+    for key, value in _mapping(root, path, "the top level"):
+        name = key.value
+        if name == "match":
+            match = _parse_match(value, path)
+        elif name in SECTIONS:
+            cls, checks = SECTIONS[name]
+            kwargs = {}
+            for k, v in _mapping(value, path, f"section {name!r}"):
+                check = checks.get(k.value)
+                if check is None:
+                    raise RulesError(path, _line(k), f"unknown key {name}.{k.value}; expected one of {', '.join(checks)}")
+                try:
+                    kwargs[k.value] = check(_value(v))
+                except ValueError as e:
+                    raise RulesError(path, _line(v), f"{name}.{k.value}: {e}") from None
+            sections[name] = cls(**kwargs)
+        else:
+            known = ", ".join(["match", *SECTIONS])
+            raise RulesError(path, _line(key), f"unknown section {name!r}; expected one of {known}")
+    if match is None:
+        raise RulesError(path, _line(root), "missing 'match': a list of {host, path, filter} matchers")
+    return Rules(match=match, source=path, **sections)
+
+
+def _parse_match(node: yaml.Node, path: str) -> tuple[MatchRule, ...]:
+    if not isinstance(node, yaml.SequenceNode):
+        raise RulesError(path, _line(node), "match must be a list of {host, path, filter} matchers")
+    rules = []
+    for entry in node.value:
+        fields: dict[str, Any] = {}
+        for k, v in _mapping(entry, path, "a match entry"):
+            check = MATCH_KEYS.get(k.value)
+            if check is None:
+                raise RulesError(path, _line(k), f"unknown key match.{k.value}; expected one of {', '.join(MATCH_KEYS)}")
+            try:
+                fields[k.value] = check(_value(v))
+                if k.value == "filter":
+                    fields["_compiled"] = _compile_filter(fields["filter"])
+            except ValueError as e:
+                raise RulesError(path, _line(v), f"match.{k.value}: {e}") from None
+        if not fields:
+            raise RulesError(path, _line(entry), "a match entry needs host, path or filter")
+        rules.append(MatchRule(**fields))
+    return tuple(rules)
+
+
+def load_rules(path: str | Path | None = None) -> Rules:
+    p = Path(path) if path else DEFAULT_RULES
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RulesError(str(p), None, f"cannot read rules file: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise RulesError(str(p), None, f"not UTF-8 text: {e}") from None
+    return parse_rules(text, str(p))
