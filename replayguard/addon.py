@@ -80,7 +80,10 @@ class ReplayGuard:
         session = Session(flow.id, target, rules, self.store, self._notify)
         try:
             await session.open()
-        except HandshakeFailed as e:
+        except Exception as e:
+            if not isinstance(e, HandshakeFailed):  # never leave the client hanging on our own bug
+                log.exception("flow %s: opening the upstream connection failed", flow.id)
+                e = HandshakeFailed(f"replayguard internal error: {type(e).__name__}")
             flow.response = self._refusal(e)
             log.warning("flow %s: upstream handshake to %s failed: %s -> HTTP %d to client",
                         flow.id, target.url, e.detail, flow.response.status_code)

@@ -56,6 +56,8 @@ def find_orphans(items: Iterable[Any]) -> list[Orphan]:
             continue
         call_types, out_key, _ = rule
         key = item.get(out_key)
+        if key is None and kind == "local_shell_call_output":
+            key = item.get("id")  # the API schema puts the call's call_id in this output's "id" field
         if not any(key in seen.get(t, ()) for t in call_types):
             orphans.append(Orphan(index, kind, str(key)))  # type: ignore[arg-type]
     return orphans

@@ -149,7 +149,7 @@ async def open_upstream(target: Target) -> Upstream:
         raise HandshakeFailed(
             f"upstream answered HTTP {response.status_code}",
             response.status_code,
-            response.body or b"",
+            bytes(response.body or b""),
             response.headers.get("Content-Type", ""),
         ) from None
     except (InvalidHandshake, OSError, asyncio.TimeoutError, EOFError) as e:

@@ -1,0 +1,218 @@
+"""Shared fixtures: the fake upstream, a real mitmdump started as users start it, and a WebSocket client."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import yaml
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(ROOT))
+
+from fake_upstream import FakeUpstream  # noqa: E402
+
+TERMINAL = {"response.completed", "response.failed", "response.incomplete", "error"}
+
+# Test rules: the shipped defaults with timers short enough for tests.
+BASE_RULES: dict[str, Any] = {
+    "match": [{"path": "*/responses"}],
+    "upstream": {
+        "ping_idle": 20,
+        "ping_timeout": 1,
+        "keepalive_interval": 0,
+        "first_event_timeout": 2,
+        "rotation_age": 3300,
+        "connect_timeout": 3,
+    },
+    "recovery": {"policy": "pair-aware", "max_retries": 1},
+}
+
+
+def mitmdump_command() -> list[str]:
+    exe = Path(sys.executable).parent / "mitmdump"
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("mitmdump")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "from mitmproxy.tools.main import mitmdump; mitmdump()"]
+
+
+class Mitmdump:
+    """A real mitmdump subprocess running addon.py, listening on 127.0.0.1 (port 0)."""
+
+    def __init__(self, tmp: Path, args: list[str], rules: dict[str, Any] | None) -> None:
+        self.tmp = tmp
+        self.args = args
+        self.rules_path: Path | None = None
+        if rules is not None:
+            self.rules_path = tmp / "rules.yaml"
+            self.rules_path.write_text(yaml.safe_dump(rules))
+        self.lines: list[str] = []
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+
+    def command(self) -> list[str]:
+        cmd = mitmdump_command() + [
+            "--listen-host", "127.0.0.1", "--listen-port", "0",
+            "--set", f"confdir={self.tmp / 'conf'}",
+            "--set", "flow_detail=0", "--set", "termlog_verbosity=info",
+            "-s", str(ROOT / "addon.py"),
+            *self.args,
+        ]
+        if self.rules_path is not None:
+            cmd += ["--set", f"replayguard_rules={self.rules_path}"]
+        return cmd
+
+    def start(self, timeout: float = 30) -> "Mitmdump":
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        self.proc = subprocess.Popen(
+            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=self.tmp
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                m = re.search(r"listening at 127\.0\.0\.1:(\d+)", line)
+                if m:
+                    self.port = int(m.group(1))
+                    return self
+            if self.proc.poll() is not None:
+                time.sleep(0.2)
+                raise RuntimeError(f"mitmdump exited with {self.proc.returncode}:\n{self.log}")
+            time.sleep(0.05)
+        raise RuntimeError(f"mitmdump did not start:\n{self.log}")
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_log(self, pattern: str, timeout: float = 5) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.log)
+            if m:
+                return m
+            time.sleep(0.05)
+        raise AssertionError(f"log never matched {pattern!r}:\n{self.log}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+
+class Client:
+    """A Responses WebSocket client (the `websockets` sync client) that records everything it receives."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None, proxy: str | None = None, **kw: Any) -> None:
+        # Entered by hand: the connection lives across calls (websockets 17 wants connect() as a context manager).
+        self.ws: ClientConnection = connect(
+            url, additional_headers=headers or {}, proxy=proxy, max_size=None, open_timeout=10, **kw
+        ).__enter__()
+        self.received: list[dict[str, Any]] = []
+
+    def send(self, message: dict[str, Any] | str) -> None:
+        self.ws.send(message if isinstance(message, str) else json.dumps(message))
+
+    def recv(self, timeout: float = 10) -> dict[str, Any]:
+        event = json.loads(self.ws.recv(timeout=timeout))
+        self.received.append(event)
+        return event
+
+    def turn(self, request: dict[str, Any], timeout: float = 10) -> list[dict[str, Any]]:
+        """Send a response.create and read events until the terminal one."""
+        self.send({"type": "response.create", **request})
+        events = []
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self.recv(max(0.01, deadline - time.monotonic()))
+            events.append(event)
+            if event.get("type") in TERMINAL:
+                return events
+
+    def until_closed(self, timeout: float = 10) -> tuple[list[dict[str, Any]], int | None, str | None]:
+        """Read until the server closes; returns (events, close code, close reason)."""
+        events = []
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                events.append(self.recv(max(0.01, deadline - time.monotonic())))
+        except ConnectionClosed:
+            pass
+        rcvd = self.ws.protocol.close_rcvd
+        return events, (rcvd.code if rcvd else None), (rcvd.reason if rcvd else None)
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+def completed(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """The response of a turn that must have completed."""
+    last = events[-1]
+    assert last["type"] == "response.completed", f"turn did not complete: {last}"
+    return last["response"]
+
+
+def user(text: str) -> dict[str, Any]:
+    return {"type": "message", "role": "user", "content": text}
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeUpstream]:
+    upstream = FakeUpstream().start()
+    try:
+        yield upstream
+    finally:
+        upstream.stop()
+
+
+@pytest.fixture
+def mitm(tmp_path: Path) -> Iterator[Callable[..., Mitmdump]]:
+    """Factory: mitm(fake, mode="reverse"|"regular", **section_overrides) -> a started Mitmdump."""
+    started: list[Mitmdump] = []
+
+    def start(fake: FakeUpstream | None = None, mode: str = "reverse", rules: dict[str, Any] | None = None,
+              args: list[str] | None = None, **sections: dict[str, Any]) -> Mitmdump:
+        merged = json.loads(json.dumps(BASE_RULES)) if rules is None else rules
+        for name, values in sections.items():
+            merged.setdefault(name, {}).update(values)
+        extra = list(args or [])
+        if mode == "reverse":
+            assert fake is not None
+            extra += ["--mode", f"reverse:http://127.0.0.1:{fake.port}"]
+        work = tmp_path / f"mitm{len(started)}"
+        work.mkdir()
+        proc = Mitmdump(work, extra, merged)
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,395 @@
+"""A faithful fake of the OpenAI Responses API over WebSocket, for end-to-end tests.
+
+What it models (see ../shared/notes/responses-websocket.md): a connection-local cache holding only the last
+response of each connection, store=true responses kept server-wide, previous_response_not_found (and eviction
+after any error), the call_id validation ("No tool call found ...", "No tool output found ..."), item references
+under store=false, generate:false warm-ups, and the real event sequence with sequence_number. A scripted model
+answers deterministically. Test controls break connections the ways production does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import secrets
+import ssl
+import threading
+import time
+from http import HTTPStatus
+from typing import Any, Callable
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Response
+
+logging.getLogger("websockets").setLevel(logging.WARNING)
+
+OUTPUT_CALLS = {
+    "function_call_output": ("function_call", "local_shell_call"),
+    "custom_tool_call_output": ("custom_tool_call",),
+    "tool_search_output": ("tool_search_call",),
+    "computer_call_output": ("computer_call",),
+}
+NEEDS_OUTPUT = ("function_call", "custom_tool_call", "local_shell_call")
+
+
+class RequestFailed(Exception):
+    def __init__(self, status: int, code: str | None, message: str, param: str | None, type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.event = {"type": "error", "status": status,
+                      "error": {"type": type_, "code": code, "message": message, "param": param}}
+
+
+def _text(item: dict[str, Any]) -> str:
+    content = item.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def validate(context: list[Any], store: bool) -> None:
+    """The upstream's input validation, in the order it reports problems."""
+    calls: set[str] = set()
+    approvals: set[str] = set()
+    for item in context:
+        if not isinstance(item, dict):
+            raise RequestFailed(400, None, "Invalid input item.", "input")
+        kind = item.get("type")
+        if kind == "item_reference" or (set(item) <= {"id", "type"} and "id" in item):
+            if not store:
+                raise RequestFailed(400, None, f"Item with id '{item.get('id')}' not found. Items are not persisted "
+                                    "when store is false.", "input")
+        if kind in ("function_call", "custom_tool_call", "local_shell_call", "tool_search_call", "computer_call"):
+            calls.add(f"{kind}:{item.get('call_id')}")
+        elif kind == "mcp_approval_request":
+            approvals.add(str(item.get("id")))
+        elif kind in OUTPUT_CALLS:
+            if not any(f"{c}:{item.get('call_id')}" in calls for c in OUTPUT_CALLS[kind]):
+                raise RequestFailed(400, None, "No tool call found for function call output with call_id "
+                                    f"{item.get('call_id')}.", "input")
+        elif kind == "mcp_approval_response" and str(item.get("approval_request_id")) not in approvals:
+            raise RequestFailed(400, None, "No approval request found for approval_request_id "
+                                f"{item.get('approval_request_id')}.", "input")
+    answered = {i.get("call_id") for i in context if isinstance(i, dict) and i.get("type") in OUTPUT_CALLS}
+    for item in context:
+        if isinstance(item, dict) and item.get("type") in NEEDS_OUTPUT and item.get("call_id") not in answered:
+            raise RequestFailed(400, None, f"No tool output found for function call {item.get('call_id')}.", "input")
+
+
+class _Conn:
+    def __init__(self, cid: int, ws: ServerConnection) -> None:
+        self.id = cid
+        self.ws = ws
+        self.cache: dict[str, list[Any]] = {}  # only the last response of this connection
+        self.responses = 0
+        self.lock = asyncio.Lock()
+
+
+class FakeUpstream:
+    def __init__(self, *, ssl_context: ssl.SSLContext | None = None, max_size: int = 64 * 2**20) -> None:
+        self.ssl_context = ssl_context
+        self.max_size = max_size
+        self.port = 0
+        self.handshakes: list[dict[str, Any]] = []
+        self.received: list[tuple[int, dict[str, Any]]] = []
+        self.sent: list[tuple[int, dict[str, Any]]] = []
+        self.close_after_responses: int | None = None
+        self.silent_next_requests = 0
+        self.turn_state_prefix = "ts"
+        self.response_delay = 0.0
+        self._refuse: list[tuple[int, bytes | None]] = []
+        self._stored: dict[str, list[Any]] = {}  # store=true responses, server-wide
+        self._conns: dict[int, _Conn] = {}
+        self._ids = itertools.count(1)
+        self._calls = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: Server | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"{'wss' if self.ssl_context else 'ws'}://127.0.0.1:{self.port}"
+
+    def start(self) -> "FakeUpstream":
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self._start())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, daemon=True, name="fake-upstream")
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("fake upstream did not start")
+        return self
+
+    async def _start(self) -> None:
+        self._server = await serve(
+            self._handler, "127.0.0.1", 0, ssl=self.ssl_context, process_request=self._process_request,
+            process_response=self._process_response, ping_interval=None, max_size=self.max_size,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        if self._loop is None or not self._loop.is_running():
+            return
+
+        async def shutdown() -> None:
+            assert self._server is not None
+            self._server.close()
+            for conn in list(self._conns.values()):
+                conn.ws.transport.abort()
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 3)
+            except asyncio.TimeoutError:
+                pass
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        assert self._thread is not None
+        self._thread.join(10)
+
+    def __enter__(self) -> "FakeUpstream":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the server's loop and wait for it."""
+        assert self._loop is not None
+
+        async def wrapper() -> Any:
+            result = fn()
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(10)
+
+    # -- controls ---------------------------------------------------------------------------------
+    def close_all(self, code: int = 1011, reason: str = "keepalive ping timeout") -> None:
+        async def go() -> None:
+            await asyncio.gather(*(c.ws.close(code, reason) for c in list(self._conns.values())),
+                                 return_exceptions=True)
+        self._call(go)
+
+    def drop_all(self) -> None:
+        self._call(lambda: [c.ws.transport.abort() for c in list(self._conns.values())])
+
+    def blackhole_all(self) -> None:
+        self._call(lambda: [c.ws.transport.pause_reading() for c in list(self._conns.values())])
+
+    def refuse_next(self, count: int, status: int = 503, body: bytes | None = None) -> None:
+        with self._lock:
+            self._refuse.extend([(status, body)] * count)
+
+    def send_connection_limit_all(self) -> None:
+        event = {"type": "error", "status": 400, "error": {
+            "type": "invalid_request_error", "code": "websocket_connection_limit_reached",
+            "message": "Responses websocket connection limit reached (60 minutes). Create a new websocket "
+                       "connection to continue.", "param": None}}
+
+        async def go() -> None:
+            for conn in list(self._conns.values()):
+                await self._send(conn, event)
+                await conn.ws.close(1000, "connection limit reached")
+        self._call(go)
+
+    def forget_responses(self) -> None:
+        """Every connection loses its cache (as when a request lands on another upstream host)."""
+        self._call(lambda: [c.cache.clear() for c in self._conns.values()])
+
+    def open_connections(self) -> int:
+        return len(self._conns)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.02)
+        return predicate()
+
+    # -- handshake --------------------------------------------------------------------------------
+    def _process_request(self, connection: ServerConnection, request: Any) -> Response | None:
+        headers = {k.lower(): v for k, v in request.headers.raw_items()}
+        with self._lock:
+            refusal = self._refuse.pop(0) if self._refuse else None
+        if refusal is not None:
+            status, body = refusal
+            if body is None:
+                body = json.dumps({"error": {"type": "server_error", "code": None,
+                                             "message": f"fake upstream refused with {status}", "param": None}}).encode()
+            self.handshakes.append({"conn": None, "path": request.path, "headers": headers, "status": status})
+            return Response(status, HTTPStatus(status).phrase,
+                            Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body)))]), body)
+        return None
+
+    def _process_response(self, connection: ServerConnection, request: Any, response: Response) -> None:
+        cid = next(self._ids)
+        connection.fake_id = cid  # type: ignore[attr-defined]
+        headers = {k.lower(): v for k, v in request.headers.raw_items()}
+        self.handshakes.append({"conn": cid, "path": request.path, "headers": headers, "status": response.status_code})
+        response.headers["x-codex-turn-state"] = headers.get("x-codex-turn-state", f"{self.turn_state_prefix}-{cid}")
+
+    # -- messages ---------------------------------------------------------------------------------
+    async def _handler(self, ws: ServerConnection) -> None:
+        conn = _Conn(ws.fake_id, ws)  # type: ignore[attr-defined]
+        self._conns[conn.id] = conn
+        try:
+            async for message in ws:
+                await self._on_message(conn, message)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._conns.pop(conn.id, None)
+
+    async def _send(self, conn: _Conn, event: dict[str, Any]) -> None:
+        self.sent.append((conn.id, event))
+        await conn.ws.send(json.dumps(event))
+
+    async def _error(self, conn: _Conn, failure: RequestFailed) -> None:
+        conn.cache.clear()  # after any 4xx/5xx the referenced response is evicted
+        await self._send(conn, failure.event)
+
+    async def _on_message(self, conn: _Conn, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            self.received.append((conn.id, {"_binary": len(message)}))
+            await self._error(conn, RequestFailed(400, None, "Binary frames are not supported.", None))
+            return
+        try:
+            obj = json.loads(message)
+        except ValueError:
+            self.received.append((conn.id, {"_raw": message}))
+            await self._error(conn, RequestFailed(400, None, "Invalid JSON.", None))
+            return
+        self.received.append((conn.id, obj))
+        kind = obj.get("type") if isinstance(obj, dict) else None
+        if kind == "response.create":
+            if self.silent_next_requests > 0:
+                self.silent_next_requests -= 1
+                conn.ws.transport.pause_reading()
+                return
+            async with conn.lock:
+                await self._create(conn, obj)
+            if self.close_after_responses and conn.responses >= self.close_after_responses:
+                await conn.ws.close(1011, "keepalive ping timeout")
+        elif kind in ("response.processed",):
+            return
+        else:
+            await self._error(conn, RequestFailed(400, "unknown_event_type", f"Unknown event type: {kind!r}.", "type"))
+
+    async def _create(self, conn: _Conn, req: dict[str, Any]) -> None:
+        store = req.get("store", True) is not False
+        raw_input = req.get("input", [])
+        items = [{"type": "message", "role": "user", "content": raw_input}] if isinstance(raw_input, str) else raw_input
+        try:
+            if not isinstance(items, list):
+                raise RequestFailed(400, None, "Invalid type for 'input'.", "input")
+            previous = req.get("previous_response_id")
+            context: list[Any] = []
+            if previous:
+                base = conn.cache.get(previous, self._stored.get(previous))
+                if base is None:
+                    raise RequestFailed(400, "previous_response_not_found",
+                                        f"Previous response with id '{previous}' not found.", "previous_response_id")
+                context = list(base)
+            context += items
+            validate(context, store)
+        except RequestFailed as failure:
+            await self._error(conn, failure)
+            return
+        if self.response_delay:
+            await asyncio.sleep(self.response_delay)
+        rid = "resp_" + secrets.token_hex(8)
+        output = self._model(context, req) if req.get("generate", True) is not False else []
+        seq = itertools.count()
+        base_response = {"id": rid, "object": "response", "created_at": int(time.time()), "status": "in_progress",
+                         "model": req.get("model"), "output": [], "store": store,
+                         "previous_response_id": previous}
+        await self._send(conn, {"type": "response.created", "response": base_response, "sequence_number": next(seq)})
+        await self._send(conn, {"type": "response.in_progress", "response": base_response, "sequence_number": next(seq)})
+        for index, item in enumerate(output):
+            await self._stream_item(conn, index, item, seq)
+        usage = {"input_tokens": len(json.dumps(context)) // 4, "output_tokens": len(json.dumps(output)) // 4}
+        usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
+        final = dict(base_response, status="completed", output=output, usage=usage)
+        full = context + output
+        conn.cache.clear()
+        conn.cache[rid] = full
+        if store:
+            self._stored[rid] = full
+        conn.responses += 1
+        await self._send(conn, {"type": "response.completed", "response": final, "sequence_number": next(seq)})
+
+    async def _stream_item(self, conn: _Conn, index: int, item: dict[str, Any], seq: Any) -> None:
+        added = dict(item, status="in_progress")
+        if item["type"] == "message":
+            added["content"] = []
+        await self._send(conn, {"type": "response.output_item.added", "output_index": index, "item": added,
+                                "sequence_number": next(seq)})
+        if item["type"] == "message":
+            text = item["content"][0]["text"]
+            part = {"type": "output_text", "text": "", "annotations": []}
+            common = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            await self._send(conn, {"type": "response.content_part.added", **common, "part": part,
+                                    "sequence_number": next(seq)})
+            for i in range(0, len(text), 5):
+                await self._send(conn, {"type": "response.output_text.delta", **common, "delta": text[i:i + 5],
+                                        "sequence_number": next(seq)})
+            await self._send(conn, {"type": "response.output_text.done", **common, "text": text,
+                                    "sequence_number": next(seq)})
+            await self._send(conn, {"type": "response.content_part.done", **common, "part": item["content"][0],
+                                    "sequence_number": next(seq)})
+        elif item["type"] == "function_call":
+            args = item["arguments"]
+            for i in range(0, len(args), 8):
+                await self._send(conn, {"type": "response.function_call_arguments.delta", "item_id": item["id"],
+                                        "output_index": index, "delta": args[i:i + 8], "sequence_number": next(seq)})
+            await self._send(conn, {"type": "response.function_call_arguments.done", "item_id": item["id"],
+                                    "output_index": index, "arguments": args, "sequence_number": next(seq)})
+        await self._send(conn, {"type": "response.output_item.done", "output_index": index, "item": item,
+                                "sequence_number": next(seq)})
+
+    def _model(self, context: list[Any], req: dict[str, Any]) -> list[dict[str, Any]]:
+        """A deterministic script standing in for the model."""
+        out: list[dict[str, Any]] = []
+        if "reasoning.encrypted_content" in (req.get("include") or []):
+            out.append({"type": "reasoning", "id": "rs_" + secrets.token_hex(6), "summary": [],
+                        "encrypted_content": "enc_" + secrets.token_hex(12)})
+        last = context[-1] if context else {}
+        if isinstance(last, dict) and last.get("type") in OUTPUT_CALLS:
+            outputs = []
+            for item in reversed(context):
+                if not (isinstance(item, dict) and item.get("type") in OUTPUT_CALLS):
+                    break
+                outputs.append(str(item.get("output")))
+            out.append(self._message("tool said: " + "; ".join(reversed(outputs))))
+            return out
+        text = _text(last) if isinstance(last, dict) and last.get("type", "message") == "message" else ""
+        if "TOOL2" in text:
+            out += [self._tool_call("echo a"), self._tool_call("echo b")]
+        elif "TOOL" in text:
+            out.append(self._tool_call("ls" if " ls" in text else "echo a"))
+        else:
+            out.append(self._message("reply to: " + text))
+        return out
+
+    def _tool_call(self, cmd: str) -> dict[str, Any]:
+        return {"type": "function_call", "id": "fc_" + secrets.token_hex(6), "call_id": f"call_{next(self._calls)}",
+                "name": "exec_command", "arguments": json.dumps({"cmd": cmd}), "status": "completed"}
+
+    @staticmethod
+    def _message(text: str) -> dict[str, Any]:
+        return {"type": "message", "id": "msg_" + secrets.token_hex(6), "role": "assistant", "status": "completed",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}

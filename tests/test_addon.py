@@ -1,0 +1,73 @@
+"""The addon glue with mitmproxy's test helpers: options, matching, and what mitmweb shows."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from mitmproxy.exceptions import OptionsError
+from mitmproxy.test import taddons, tflow
+
+from replayguard.addon import MARK_FAILED, MARK_RECOVERED, ReplayGuard, is_websocket_upgrade, upstream_url
+
+
+def upgrade_flow(host: str = "api.openai.com", path: str = "/v1/responses", scheme: str = "https"):
+    flow = tflow.tflow()
+    flow.request.scheme = scheme
+    flow.request.host = host
+    flow.request.port = 443 if scheme == "https" else 80
+    flow.request.path = path
+    flow.request.headers["Upgrade"] = "websocket"
+    flow.request.headers["Connection"] = "Upgrade"
+    return flow
+
+
+def test_default_rules_load_and_bad_file_is_an_options_error(tmp_path):
+    addon = ReplayGuard()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon)
+        assert addon.rules is not None and addon.rules.source.endswith("rules.yaml")
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("match:\n  - path: /v1/responses\nrecovery:\n  policy: lenient\n")
+        with pytest.raises(OptionsError, match=r"bad\.yaml:4: recovery\.policy: expected one of pair-aware, strict"):
+            tctx.configure(addon, replayguard_rules=str(bad))
+        assert addon.rules.source.endswith("rules.yaml")  # the last good rules stay in force
+
+
+def test_upstream_url_and_upgrade_detection():
+    flow = upgrade_flow()
+    assert is_websocket_upgrade(flow.request)
+    assert upstream_url(flow.request) == "wss://api.openai.com:443/v1/responses"
+    flow = upgrade_flow("::1", "/v1/responses?x=1", scheme="http")
+    assert upstream_url(flow.request) == "ws://[::1]:80/v1/responses?x=1"
+    plain = tflow.tflow()
+    assert not is_websocket_upgrade(plain.request)
+
+
+def test_non_matching_flows_are_untouched():
+    addon = ReplayGuard()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon)
+        for flow in (upgrade_flow(path="/v1/realtime"), tflow.tflow()):
+            before = (flow.request.host, flow.request.port, flow.request.scheme, dict(flow.request.headers))
+            asyncio.run(addon.request(flow))
+            assert (flow.request.host, flow.request.port, flow.request.scheme, dict(flow.request.headers)) == before
+            assert flow.response is None
+
+
+def test_notify_marks_and_comments_the_flow():
+    addon = ReplayGuard()
+    with taddons.context(addon):
+        flow = upgrade_flow()
+        addon.flows[flow.id] = flow
+        addon._notify(flow.id, "recovered", "turn 2: upstream closed -> replay")
+        assert flow.marked == MARK_RECOVERED
+        assert flow.comment == "replayguard: turn 2: upstream closed -> replay"
+        addon._notify(flow.id, "failed", "turn 3: orphan -> failed closed")
+        assert flow.marked == MARK_FAILED
+        assert flow.comment.splitlines() == [
+            "replayguard: turn 2: upstream closed -> replay",
+            "replayguard: turn 3: orphan -> failed closed",
+        ]
+        addon.websocket_end(flow)
+        assert flow.id not in addon.flows
