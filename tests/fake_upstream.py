@@ -81,6 +81,10 @@ def validate(context: list[Any], store: bool) -> None:
             raise RequestFailed(400, None, f"No tool output found for function call {item.get('call_id')}.", "input")
 
 
+class _Dropped(Exception):
+    """The connection was cut in the middle of a response (drop_after_events)."""
+
+
 class _Conn:
     def __init__(self, cid: int, ws: ServerConnection) -> None:
         self.id = cid
@@ -102,6 +106,7 @@ class FakeUpstream:
         self.silent_next_requests = 0
         self.turn_state_prefix = "ts"
         self.response_delay = 0.0
+        self.drop_after_events: int | None = None  # one-shot: cut TCP after this many events of the next response
         self._refuse: list[tuple[int, bytes | None]] = []
         self._stored: dict[str, list[Any]] = {}  # store=true responses, server-wide
         self._conns: dict[int, _Conn] = {}
@@ -257,6 +262,11 @@ class FakeUpstream:
     async def _send(self, conn: _Conn, event: dict[str, Any]) -> None:
         self.sent.append((conn.id, event))
         await conn.ws.send(json.dumps(event))
+        if self.drop_after_events is not None and "sequence_number" in event:
+            if event["sequence_number"] + 1 >= self.drop_after_events:
+                self.drop_after_events = None
+                conn.ws.transport.abort()
+                raise _Dropped()
 
     async def _error(self, conn: _Conn, failure: RequestFailed) -> None:
         conn.cache.clear()  # after any 4xx/5xx the referenced response is evicted
@@ -281,7 +291,10 @@ class FakeUpstream:
                 conn.ws.transport.pause_reading()
                 return
             async with conn.lock:
-                await self._create(conn, obj)
+                try:
+                    await self._create(conn, obj)
+                except _Dropped:
+                    return
             if self.close_after_responses and conn.responses >= self.close_after_responses:
                 await conn.ws.close(1011, "keepalive ping timeout")
         elif kind in ("response.processed",):

@@ -15,6 +15,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from conftest import Client, Mitmdump, completed, user
+from fake_upstream import FakeUpstream
 
 AUTH = {"Authorization": "Bearer sk-test-SECRET", "OpenAI-Beta": "responses_websockets=2026-02-06", "session_id": "s-1"}
 
@@ -373,3 +374,63 @@ def test_twenty_sessions_five_turns_through_flaky_upstream_lose_no_turn(fake, mi
     assert len(done) == 100
     assert no_tool_call_errors(fake)
     assert len(fake.handshakes) > 20  # the upstream really did close under them
+
+
+def test_upstream_dies_mid_response_fails_closed_with_retryable_error(fake, mitm):
+    proxy = mitm(fake)
+    client = Client(proxy.url + "/v1/responses")
+    r1 = completed(client.turn({"model": "m", "store": False, "input": [user("hello")]}))
+    fake.drop_after_events = 4  # created, in_progress, output_item.added, content_part.added, then cut
+    client.send({"type": "response.create", "model": "m", "store": False, "previous_response_id": r1["id"],
+                 "input": [user("a longer answer please")]})
+    events, code, _ = client.until_closed()
+    kinds = [e["type"] for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    err = events[-1]
+    assert err["type"] == "error" and err["status"] == 502
+    assert err["error"]["type"] == "server_error" and err["error"]["code"] == "upstream_stream_interrupted"
+    assert code == 1011
+    assert len(creates(fake)) == 2  # the partial turn was not silently resent (the client saw part of it)
+
+
+def test_background_keepalive_finds_dead_idle_connection_before_next_turn(fake, mitm):
+    proxy = mitm(fake, upstream={"keepalive_interval": 0.5, "ping_timeout": 0.5, "ping_idle": 60})
+    client = Client(proxy.url + "/v1/responses")
+    r1, call = tool_turns(client)
+    fake.blackhole_all()
+    proxy.wait_log(r"lost while idle \(no pong within ping timeout: keepalive", timeout=5)
+    started = time.monotonic()
+    r2 = completed(client.turn({"model": "m", "store": False, "previous_response_id": r1["id"],
+                                "input": [output_for(call)]}))
+    assert time.monotonic() - started < 1.5  # no ping wait on the turn itself: the loss was already known
+    assert r2["output"][0]["content"][0]["text"] == "tool said: file.txt"
+    assert "previous_response_id" not in creates(fake, 2)[0]
+
+
+def test_regular_mode_tls_upstream_honours_ssl_insecure(tmp_path, mitm):
+    from tls import self_signed_context
+
+    import ssl
+
+    with FakeUpstream(ssl_context=self_signed_context(tmp_path)) as upstream:
+        for insecure in (False, True):
+            proxy = mitm(mode="regular", args=["--set", f"ssl_insecure={str(insecure).lower()}"])
+            ca = ssl.create_default_context(cafile=str(proxy.tmp / "conf" / "mitmproxy-ca-cert.pem"))
+            url = f"wss://localhost:{upstream.port}/v1/responses"
+            if not insecure:
+                # Verification is on by default: the self-signed upstream is refused, as a JSON HTTP error.
+                with pytest.raises(InvalidStatus) as info:
+                    Client(url, proxy=f"http://127.0.0.1:{proxy.port}", ssl=ca)
+                assert info.value.response.status_code == 502
+                assert "CERTIFICATE_VERIFY_FAILED" in json.loads(info.value.response.body)["error"]["message"]
+                continue
+            client = Client(url, proxy=f"http://127.0.0.1:{proxy.port}", ssl=ca, headers=AUTH)
+            r1, call = tool_turns(client)
+            upstream.close_all(1011)
+            proxy.wait_log(r"lost while idle")
+            r2 = completed(client.turn({"model": "m", "store": False, "previous_response_id": r1["id"],
+                                        "input": [output_for(call)]}))
+            assert r2["output"][0]["content"][0]["text"] == "tool said: file.txt"
+            assert [h["headers"]["authorization"] for h in upstream.handshakes] == ["Bearer sk-test-SECRET"] * 2
+            client.close()
