@@ -10,6 +10,7 @@ input list is materialized only when a replay is actually sent.
 from __future__ import annotations
 
 import itertools
+import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -278,7 +279,9 @@ class Chain:
         assert turn.response_id is not None
         evicted_bytes = 0
         if turn.base_known:
-            size = len(turn.raw) + turn.output_size
+            # A client that resent its whole history sent the known prefix again: count only its new items.
+            input_size = len(json.dumps(turn.new_items)) if turn.client_sent_full else len(turn.raw)
+            size = input_size + turn.output_size
             history = Node.extend(turn.base, turn.new_items + turn.outputs, size)
             if history is not None and history.total_size > self.max_chain_bytes:
                 evicted_bytes = history.total_size

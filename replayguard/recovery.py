@@ -81,13 +81,14 @@ def decide(s: Situation) -> Decision:
     if s.trigger not in ROUTINE and s.attempts >= s.max_retries:
         reason = f"{cause}; {s.attempts} recovery attempt(s) already made for this turn (max retries {s.max_retries})"
         return _fail(reason, errors.server_error("upstream_retries_exhausted", reason))
+    if s.previous_id is None or s.previous_stored:
+        return Decision(Action.SEND, f"{cause}; request does not depend on the lost connection")
+    # Strict reproduces the peer gateway: a continuation that involves any tool output is refused.
     if s.policy is Policy.STRICT and (
         any(map(is_tool_output, s.payload_input)) or any(map(is_tool_output, s.replay or ()))
     ):
         reason = f"{cause}; strict policy: a tool output is involved"
         return _fail(reason, None, errors.CLOSE_POLICY, errors.STRICT_CLOSE_REASON)
-    if s.previous_id is None or s.previous_stored:
-        return Decision(Action.SEND, f"{cause}; request does not depend on the lost connection")
     if s.replay is None:
         reason = f"{cause}; no chain state for previous_response_id {s.previous_id!r}, cannot replay"
         return _fail(reason, errors.not_found(reason + "; resend the full input"))

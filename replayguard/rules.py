@@ -86,7 +86,7 @@ def _number(minimum: float, integer: bool = False) -> Check:
     def check(value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
             raise ValueError(f"expected {'an integer' if integer else 'a number'} >= {minimum:g}, got {value!r}")
-        if value < minimum:
+        if not value >= minimum:  # also rejects NaN
             raise ValueError(f"expected {'an integer' if integer else 'a number'} >= {minimum:g}, got {value!r}")
         return value
 
@@ -152,6 +152,10 @@ def _value(node: yaml.Node) -> Any:
     loader = yaml.SafeLoader("")
     try:
         return loader.construct_object(node, deep=True)
+    except ValueError:
+        raise
+    except Exception as e:  # an unknown tag (!foo) or a malformed tagged scalar (!!timestamp x)
+        raise ValueError(f"cannot read this value: {getattr(e, 'problem', None) or e}") from None
     finally:
         loader.dispose()
 
@@ -171,6 +175,9 @@ def parse_rules(text: str, path: str = "<rules>") -> Rules:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         raise RulesError(path, mark.line + 1 if mark else None, f"invalid YAML: {e.problem or e}") from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow (control characters)
+        line = text.count("\n", 0, e.position) + 1
+        raise RulesError(path, line, f"invalid YAML: {str(e).splitlines()[0]}") from None
     if root is None:
         raise RulesError(path, None, "the file is empty; it needs at least a 'match' list")
     match: tuple[MatchRule, ...] | None = None
@@ -182,6 +189,9 @@ def parse_rules(text: str, path: str = "<rules>") -> Rules:
         elif name in SECTIONS:
             cls, checks = SECTIONS[name]
             kwargs = {}
+            if isinstance(value, yaml.ScalarNode) and value.tag == "tag:yaml.org,2002:null":
+                sections[name] = cls()  # every key commented out: the defaults
+                continue
             for k, v in _mapping(value, path, f"section {name!r}"):
                 check = checks.get(k.value)
                 if check is None:

@@ -395,7 +395,7 @@ class FakeUpstream:
         elif "TOOL" in text:
             out.append(self._tool_call("ls" if " ls" in text else "echo a"))
         else:
-            out.append(self._message("reply to: " + text))
+            out.append(self._message("reply to: " + text[:80]))  # bounded: a huge input is not echoed back
         return out
 
     def _tool_call(self, cmd: str) -> dict[str, Any]:

@@ -434,3 +434,18 @@ def test_regular_mode_tls_upstream_honours_ssl_insecure(tmp_path, mitm):
             assert r2["output"][0]["content"][0]["text"] == "tool said: file.txt"
             assert [h["headers"]["authorization"] for h in upstream.handshakes] == ["Bearer sk-test-SECRET"] * 2
             client.close()
+
+
+def test_large_messages_pass_and_replay(fake, mitm):
+    """A 17 MiB input (over websockets' 1 MiB default and the 16 MiB seen with inline images) survives a replay."""
+    proxy = mitm(fake)
+    client = Client(proxy.url + "/v1/responses")
+    big = "x" * (17 * 2**20)
+    r1 = completed(client.turn({"model": "m", "store": False, "input": [user("image " + big)]}, timeout=60))
+    fake.close_all(1011)
+    proxy.wait_log(r"lost while idle")
+    completed(client.turn({"model": "m", "store": False, "previous_response_id": r1["id"], "input": [user("b")]},
+                          timeout=60))
+    replay = creates(fake, 2)[0]
+    assert replay["input"][0]["content"] == "image " + big
+    assert replay["input"][1] == r1["output"][0]
