@@ -131,6 +131,7 @@ def test_silent_upstream_detected_by_ping_within_timeout(fake, mitm):
     first = client.recv(timeout=10)
     elapsed = time.monotonic() - started
     assert first["type"] == "response.created"
+    print(f"silent upstream: first event of the recovered turn after {elapsed:.2f}s (ping timeout 1s)")
     assert elapsed < 1 + 1, f"dead upstream noticed after {elapsed:.2f}s"
     while client.recv()["type"] != "response.completed":
         pass
@@ -148,6 +149,7 @@ def test_upstream_silent_after_turn_sent_caught_by_first_event_timeout(fake, mit
     r2 = completed(client.turn({"model": "m", "store": False, "previous_response_id": r1["id"],
                                 "input": [user("again")]}, timeout=15))
     elapsed = time.monotonic() - started
+    print(f"first event timeout: turn completed after {elapsed:.2f}s (first_event_timeout 1.5s)")
     assert 1.5 <= elapsed < 1.5 + 2
     assert r2["output"][0]["content"][0]["text"] == "reply to: again"
     # The silent connection got the original continuation; the fresh one the replay.
@@ -167,6 +169,7 @@ def test_refused_reconnect_fails_closed_with_error_event(fake, mitm):
     client.send({"type": "response.create", "model": "m", "store": False, "previous_response_id": r1["id"],
                  "input": [user("again")]})
     events, code, reason = client.until_closed(timeout=10)
+    print(f"refused reconnect: error event and close after {time.monotonic() - started:.2f}s")
     assert time.monotonic() - started < 5
     assert len(events) == 1
     err = events[0]
