@@ -24,6 +24,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
+from websockets.protocol import State
 
 logging.getLogger("websockets").setLevel(logging.WARNING)
 
@@ -215,7 +216,8 @@ class FakeUpstream:
         self._call(lambda: [c.cache.clear() for c in self._conns.values()])
 
     def open_connections(self) -> int:
-        return len(self._conns)
+        """Connections whose WebSocket is still open (a closing handshake or a drop ends it)."""
+        return sum(1 for c in list(self._conns.values()) if c.ws.state is State.OPEN)
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout

@@ -6,6 +6,7 @@ Each test asserts what the client received and what the upstream actually receiv
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -452,3 +453,18 @@ def test_large_messages_pass_and_replay(fake, mitm):
     replay = creates(fake, 2)[0]
     assert replay["input"][0]["content"] == "image " + big
     assert replay["input"][1] == r1["output"][0]
+
+
+def test_client_leaving_mid_response_stops_the_upstream(fake, mitm):
+    """Unlike a gateway that drains the upstream after the client left, the upstream connection is closed."""
+    proxy = mitm(fake)
+    client = Client(proxy.url + "/v1/responses")
+    completed(client.turn({"model": "m", "store": False, "input": [user("hello")]}))
+    fake.response_delay = 1.5
+    client.send({"type": "response.create", "model": "m", "store": False, "input": [user("long job")]})
+    assert fake.wait_for(lambda: len(creates(fake)) == 2)
+    client.ws.socket.shutdown(socket.SHUT_RDWR)  # the client vanishes (no closing handshake)
+    assert fake.wait_for(lambda: fake.open_connections() == 0, timeout=1.0)
+    time.sleep(1.0)
+    assert sum(1 for _, e in fake.sent if e["type"] == "response.completed") == 1  # the second never finished
+    proxy.wait_log(r"client left mid-turn; upstream response stopped")
