@@ -19,10 +19,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tls.py
 sys.path.insert(1, str(ROOT))
 
-from fake_upstream import FakeUpstream  # noqa: E402
+from replayguard.fake_upstream import FakeUpstream  # noqa: E402
 
 TERMINAL = {"response.completed", "response.failed", "response.incomplete", "error"}
 

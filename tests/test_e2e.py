@@ -16,7 +16,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from conftest import Client, Mitmdump, completed, user
-from fake_upstream import FakeUpstream
+from replayguard.fake_upstream import FakeUpstream  # noqa: E402
 
 AUTH = {"Authorization": "Bearer sk-test-SECRET", "OpenAI-Beta": "responses_websockets=2026-02-06", "session_id": "s-1"}
 
@@ -468,3 +468,26 @@ def test_client_leaving_mid_response_stops_the_upstream(fake, mitm):
     time.sleep(1.0)
     assert sum(1 for _, e in fake.sent if e["type"] == "response.completed") == 1  # the second never finished
     proxy.wait_log(r"client left mid-turn; upstream response stopped")
+
+
+def test_fake_upstream_command_serves_a_chain_through_mitmdump(mitm):
+    """`python -m replayguard fake-upstream` is the same fake, runnable offline by users."""
+    import re
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "replayguard", "fake-upstream", "--port", "0",
+                             "--close-after-responses", "1"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        port = int(re.search(r"ws://127\.0\.0\.1:(\d+)", line).group(1))
+        proxy = mitm(args=["--mode", f"reverse:http://127.0.0.1:{port}"], mode="custom")
+        client = Client(proxy.url + "/v1/responses")
+        r1, call = tool_turns(client)
+        proxy.wait_log(r"lost while idle")  # --close-after-responses 1
+        r2 = completed(client.turn({"model": "m", "store": False, "previous_response_id": r1["id"],
+                                    "input": [output_for(call)]}))
+        assert r2["output"][0]["content"][0]["text"] == "tool said: file.txt"
+        client.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0

@@ -1,4 +1,5 @@
-"""A faithful fake of the OpenAI Responses API over WebSocket, for end-to-end tests.
+"""A faithful fake of the OpenAI Responses API over WebSocket, for tests and offline reproduction
+(`python -m replayguard fake-upstream`).
 
 What it models (see ../shared/notes/responses-websocket.md): a connection-local cache holding only the last
 response of each connection, store=true responses kept server-wide, previous_response_not_found (and eviction
@@ -96,10 +97,12 @@ class _Conn:
 
 
 class FakeUpstream:
-    def __init__(self, *, ssl_context: ssl.SSLContext | None = None, max_size: int = 64 * 2**20) -> None:
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None,
+                 max_size: int = 64 * 2**20) -> None:
+        self.host = host
         self.ssl_context = ssl_context
         self.max_size = max_size
-        self.port = 0
+        self.port = port
         self.handshakes: list[dict[str, Any]] = []
         self.received: list[tuple[int, dict[str, Any]]] = []
         self.sent: list[tuple[int, dict[str, Any]]] = []
@@ -121,7 +124,7 @@ class FakeUpstream:
     # -- lifecycle --------------------------------------------------------------------------------
     @property
     def url(self) -> str:
-        return f"{'wss' if self.ssl_context else 'ws'}://127.0.0.1:{self.port}"
+        return f"{'wss' if self.ssl_context else 'ws'}://{self.host}:{self.port}"
 
     def start(self) -> "FakeUpstream":
         ready = threading.Event()
@@ -140,7 +143,7 @@ class FakeUpstream:
 
     async def _start(self) -> None:
         self._server = await serve(
-            self._handler, "127.0.0.1", 0, ssl=self.ssl_context, process_request=self._process_request,
+            self._handler, self.host, self.port, ssl=self.ssl_context, process_request=self._process_request,
             process_response=self._process_response, ping_interval=None, max_size=self.max_size,
         )
         self.port = self._server.sockets[0].getsockname()[1]

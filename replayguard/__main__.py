@@ -1,0 +1,57 @@
+"""Command line: `python -m replayguard fake-upstream --port P` runs the faithful fake upstream offline."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from .fake_upstream import FakeUpstream
+
+
+def _refusal(text: str) -> tuple[int, int]:
+    count, _, status = text.partition(":")
+    try:
+        return int(count), int(status or 503)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected COUNT[:STATUS], e.g. 2:503, got {text!r}") from None
+
+
+def fake_upstream(args: argparse.Namespace) -> int:
+    fake = FakeUpstream(host=args.host, port=args.port)
+    fake.close_after_responses = args.close_after_responses
+    fake.response_delay = args.response_delay
+    if args.refuse:
+        fake.refuse_next(*args.refuse)
+    fake.start()
+    print(f"fake upstream listening on {fake.url} (scripted model: say TOOL for a tool call)", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fake.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m replayguard")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("fake-upstream", help="run a faithful fake Responses WebSocket upstream (no tokens spent)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
+    p.add_argument("--close-after-responses", type=int, default=None, metavar="N",
+                   help="close each connection with 1011 after its Nth response")
+    p.add_argument("--refuse", type=_refusal, default=None, metavar="COUNT[:STATUS]",
+                   help="refuse the first COUNT handshakes with HTTP STATUS (default 503)")
+    p.add_argument("--response-delay", type=float, default=0.0, metavar="SECONDS")
+    p.set_defaults(run=fake_upstream)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
