@@ -253,7 +253,7 @@ class Session:
         code = error.get("code") if isinstance(error, dict) else None
         if code == "websocket_connection_limit_reached":
             trigger = Trigger.CONNECTION_LIMIT
-        elif code == "previous_response_not_found" and turn is not None and turn.full_input() is not None:
+        elif code == "previous_response_not_found" and turn is not None and turn.base_known:
             trigger = Trigger.PREVIOUS_NOT_FOUND
         else:
             return False
