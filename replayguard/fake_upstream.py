@@ -110,6 +110,8 @@ class FakeUpstream:
         self.silent_next_requests = 0
         self.turn_state_prefix = "ts"
         self.response_delay = 0.0
+        self.reply_deltas: int | None = None  # when set, every text reply streams exactly this many deltas
+        self.stamp_deltas = False  # add "t_ns" (CLOCK_MONOTONIC at send) to deltas, for latency measurements
         self.drop_after_events: int | None = None  # one-shot: cut TCP after this many events of the next response
         self._refuse: list[tuple[int, bytes | None]] = []
         self._stored: dict[str, list[Any]] = {}  # store=true responses, server-wide
@@ -363,8 +365,11 @@ class FakeUpstream:
             await self._send(conn, {"type": "response.content_part.added", **common, "part": part,
                                     "sequence_number": next(seq)})
             for i in range(0, len(text), 5):
-                await self._send(conn, {"type": "response.output_text.delta", **common, "delta": text[i:i + 5],
-                                        "sequence_number": next(seq)})
+                delta = {"type": "response.output_text.delta", **common, "delta": text[i:i + 5],
+                         "sequence_number": next(seq)}
+                if self.stamp_deltas:
+                    delta["t_ns"] = time.monotonic_ns()
+                await self._send(conn, delta)
             await self._send(conn, {"type": "response.output_text.done", **common, "text": text,
                                     "sequence_number": next(seq)})
             await self._send(conn, {"type": "response.content_part.done", **common, "part": item["content"][0],
@@ -400,7 +405,10 @@ class FakeUpstream:
         elif "TOOL" in text:
             out.append(self._tool_call("ls" if " ls" in text else "echo a"))
         else:
-            out.append(self._message("reply to: " + text[:80]))  # bounded: a huge input is not echoed back
+            if self.reply_deltas:
+                out.append(self._message("tok0 " * self.reply_deltas))  # 5 chars per delta
+            else:
+                out.append(self._message("reply to: " + text[:80]))  # bounded: a huge input is not echoed back
         return out
 
     def _tool_call(self, cmd: str) -> dict[str, Any]:

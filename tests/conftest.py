@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-import yaml
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
@@ -23,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tls.py
 sys.path.insert(1, str(ROOT))
 
 from replayguard.fake_upstream import FakeUpstream  # noqa: E402
+from replayguard.harness import Mitmdump  # noqa: E402
 
 TERMINAL = {"response.completed", "response.failed", "response.incomplete", "error"}
 
@@ -39,93 +34,6 @@ BASE_RULES: dict[str, Any] = {
     },
     "recovery": {"policy": "pair-aware", "max_retries": 1},
 }
-
-
-def mitmdump_command() -> list[str]:
-    exe = Path(sys.executable).parent / "mitmdump"
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("mitmdump")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "from mitmproxy.tools.main import mitmdump; mitmdump()"]
-
-
-class Mitmdump:
-    """A real mitmdump subprocess running addon.py, listening on 127.0.0.1 (port 0)."""
-
-    def __init__(self, tmp: Path, args: list[str], rules: dict[str, Any] | None) -> None:
-        self.tmp = tmp
-        self.args = args
-        self.rules_path: Path | None = None
-        if rules is not None:
-            self.rules_path = tmp / "rules.yaml"
-            self.rules_path.write_text(yaml.safe_dump(rules))
-        self.lines: list[str] = []
-        self.proc: subprocess.Popen[str] | None = None
-        self.port = 0
-
-    def command(self) -> list[str]:
-        cmd = mitmdump_command() + [
-            "--listen-host", "127.0.0.1", "--listen-port", "0",
-            "--set", f"confdir={self.tmp / 'conf'}",
-            "--set", "flow_detail=0", "--set", "termlog_verbosity=info",
-            "-s", str(ROOT / "addon.py"),
-            *self.args,
-        ]
-        if self.rules_path is not None:
-            cmd += ["--set", f"replayguard_rules={self.rules_path}"]
-        return cmd
-
-    def start(self, timeout: float = 30) -> "Mitmdump":
-        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-        self.proc = subprocess.Popen(
-            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=self.tmp
-        )
-        threading.Thread(target=self._pump, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                m = re.search(r"listening at 127\.0\.0\.1:(\d+)", line)
-                if m:
-                    self.port = int(m.group(1))
-                    return self
-            if self.proc.poll() is not None:
-                time.sleep(0.2)
-                raise RuntimeError(f"mitmdump exited with {self.proc.returncode}:\n{self.log}")
-            time.sleep(0.05)
-        raise RuntimeError(f"mitmdump did not start:\n{self.log}")
-
-    def _pump(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    @property
-    def log(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_log(self, pattern: str, timeout: float = 5) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern, self.log)
-            if m:
-                return m
-            time.sleep(0.05)
-        raise AssertionError(f"log never matched {pattern!r}:\n{self.log}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
 
 
 class Client:
