@@ -1,4 +1,5 @@
-"""Command line: `python -m replayguard fake-upstream --port P` runs the faithful fake upstream offline."""
+"""Command line: `python -m replayguard fake-upstream --port P` (the faithful fake upstream, offline) and
+`python -m replayguard bench [--quick]` (replayguard against plain mitmdump)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,13 @@ def fake_upstream(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    print(run(quick=args.quick), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m replayguard")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="refuse the first COUNT handshakes with HTTP STATUS (default 503)")
     p.add_argument("--response-delay", type=float, default=0.0, metavar="SECONDS")
     p.set_defaults(run=fake_upstream)
+    b = commands.add_parser("bench", help="benchmark replayguard against plain mitmdump (offline)")
+    b.add_argument("--quick", action="store_true", help="a smaller run (under a minute), for CI smoke tests")
+    b.set_defaults(run=bench)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -33,6 +33,7 @@ class Mitmdump:
     def __init__(self, tmp: Path, args: list[str], rules: dict[str, Any] | None, addon: bool = True,
                  verbosity: str = "info") -> None:
         self.tmp = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
         self.addon = addon
         self.verbosity = verbosity
         self.args = args

@@ -1,0 +1,219 @@
+"""`python -m replayguard bench [--quick]`: replayguard against plain mitmdump on the same workload, in one run.
+
+Everything runs offline on 127.0.0.1: the fake upstream (in this process), mitmdump (a subprocess, as users run
+it) and the clients (asyncio, in this process). Ratios measured side by side are what to compare; absolute
+numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import tracemalloc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import connect
+
+from .chain import Chain, ChainStore
+from .fake_upstream import FakeUpstream
+from .harness import Mitmdump
+
+RULES: dict[str, Any] = {"match": [{"path": "*/responses"}], "upstream": {"keepalive_interval": 0}}
+DELTA_PREFIX = '{"type": "response.output_text.delta"'
+
+
+@dataclass
+class StreamResult:
+    events: int
+    seconds: float
+    latencies_ns: list[int]
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds
+
+    def latency_ms(self, q: float) -> float:
+        data = sorted(self.latencies_ns)
+        return data[min(len(data) - 1, int(q * len(data)))] / 1e6
+
+
+async def _session(url: str, n: int, turns: int, latencies: list[int]) -> int:
+    events = 0
+    previous = None
+    async with connect(url, max_size=None, ping_interval=None) as ws:
+        for t in range(turns):
+            request: dict[str, Any] = {"type": "response.create", "model": "m", "store": False,
+                                       "input": [{"type": "message", "role": "user", "content": f"s{n} t{t}"}]}
+            if previous:
+                request["previous_response_id"] = previous
+            await ws.send(json.dumps(request))
+            while True:
+                raw = await ws.recv()
+                now = time.monotonic_ns()
+                events += 1
+                if raw.startswith(DELTA_PREFIX):
+                    latencies.append(now - json.loads(raw)["t_ns"])
+                    continue
+                event = json.loads(raw)
+                if event["type"] == "response.completed":
+                    previous = event["response"]["id"]
+                    break
+                if event["type"] == "error":
+                    raise RuntimeError(f"bench turn failed: {event}")
+    return events
+
+
+async def _stream(url: str, sessions: int, turns: int) -> StreamResult:
+    latencies: list[int] = []
+    started = time.monotonic()
+    counts = await asyncio.gather(*(_session(url, n, turns, latencies) for n in range(sessions)))
+    return StreamResult(sum(counts), time.monotonic() - started, latencies)
+
+
+async def _recovery(url: str, fake: FakeUpstream, ping_timeout: float, rounds: int) -> list[float]:
+    """Seconds from a continuation to its replay arriving on a fresh upstream, minus the ping timeout."""
+    overheads = []
+    for _ in range(rounds):
+        async with connect(url, max_size=None, ping_interval=None) as ws:
+            await ws.send(json.dumps({"type": "response.create", "model": "m", "store": False, "input": "hi"}))
+            while (event := json.loads(await ws.recv()))["type"] != "response.completed":
+                pass
+            before = len(fake.handshakes)
+            fake.blackhole_all()
+            started = time.monotonic()
+            await ws.send(json.dumps({"type": "response.create", "model": "m", "store": False, "input": "again",
+                                      "previous_response_id": event["response"]["id"]}))
+            while not (len(fake.handshakes) > before and any(
+                    c == fake.handshakes[-1]["conn"] for c, _ in list(fake.received)[-3:])):
+                await asyncio.sleep(0.0005)
+            overheads.append(time.monotonic() - started - ping_timeout)
+            while json.loads(await ws.recv())["type"] != "response.completed":
+                pass
+    return overheads
+
+
+def per_turn_cost(turns: int, item_bytes: int = 20_000) -> dict[int, float]:
+    """Median microseconds of core work per turn (parse the create, keep state, feed the events) by turn number."""
+    chain = Chain(ChainStore(), max_chain_bytes=2**40)
+    costs: list[int] = []
+    previous = None
+    for t in range(turns):
+        request: dict[str, Any] = {"type": "response.create", "model": "m", "store": False,
+                                   "input": [{"type": "message", "role": "user", "content": f"{t} " + "x" * item_bytes}]}
+        if previous:
+            request["previous_response_id"] = previous
+        raw = json.dumps(request)
+        rid = f"resp_{t}"
+        item = {"type": "message", "id": f"msg_{t}", "role": "assistant",
+                "content": [{"type": "output_text", "text": "ok", "annotations": []}]}
+        events = [json.dumps({"type": "response.created", "response": {"id": rid}}),
+                  json.dumps({"type": "response.output_item.done", "item": item}),
+                  json.dumps({"type": "response.completed", "response": {"id": rid, "output": [item]}})]
+        started = time.perf_counter_ns()
+        turn = chain.begin_turn(json.loads(raw), raw)
+        chain.needs_rewrite(turn)
+        for e in events:
+            chain.on_event(json.loads(e), len(e))
+        costs.append(time.perf_counter_ns() - started)
+        previous = rid
+    marks = [m for m in (10, 100, 1000) if m <= turns]
+    return {m: statistics.median(costs[max(0, m - 10):m]) / 1000 for m in marks}
+
+
+def memory(turns: int, item_bytes: int = 20_000) -> tuple[int, int, int, int]:
+    """(chain JSON bytes, bytes held during the session, held after it ends, held after the store is cleared)."""
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    store = ChainStore()
+    chain = Chain(store, max_chain_bytes=2**40)
+    previous = None
+    for t in range(turns):
+        request: dict[str, Any] = {"type": "response.create", "store": False,
+                                   "input": [{"type": "message", "role": "user", "content": "x" * item_bytes}]}
+        if previous:
+            request["previous_response_id"] = previous
+        raw = json.dumps(request)
+        chain.begin_turn(json.loads(raw), raw)
+        item = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "ok"}]}
+        chain.on_event({"type": "response.output_item.done", "item": item}, 80)
+        chain.on_event({"type": "response.completed", "response": {"id": f"r{t}"}}, 40)
+        previous = f"r{t}"
+        del raw, request
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0] - base
+    assert chain.head is not None and chain.head.history is not None
+    json_bytes = len(json.dumps(chain.head.history.materialize()))
+    del chain
+    gc.collect()
+    after_session = tracemalloc.get_traced_memory()[0] - base
+    store.clear()
+    gc.collect()
+    after_clear = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    return json_bytes, held, after_session, after_clear
+
+
+def run(quick: bool) -> str:
+    sessions, turns, deltas, rounds = (2, 5, 100, 3) if quick else (4, 20, 200, 5)
+    repeats = 1 if quick else 2
+    ping_timeout = 0.5
+    rows: list[tuple[str, str, str]] = []
+    with tempfile.TemporaryDirectory() as tmp, FakeUpstream() as fake:
+        fake.reply_deltas = deltas
+        fake.stamp_deltas = True
+        work = Path(tmp)
+        rules = json.loads(json.dumps(RULES))
+        rules["upstream"].update(ping_idle=0, ping_timeout=ping_timeout)
+        procs = {
+            "plain": Mitmdump(work / "plain", ["--mode", f"reverse:http://127.0.0.1:{fake.port}"], None, addon=False),
+            "replayguard": Mitmdump(work / "rg", ["--mode", f"reverse:http://127.0.0.1:{fake.port}"], rules),
+        }
+        results: dict[str, list[StreamResult]] = {"direct": [], "plain": [], "replayguard": []}
+        try:
+            for proc in procs.values():
+                proc.start()
+            for _ in range(repeats):  # interleaved, best of each: the machine is noisy
+                results["direct"].append(asyncio.run(_stream(fake.url + "/v1/responses", sessions, turns)))
+                for name, proc in procs.items():
+                    results[name].append(asyncio.run(_stream(proc.url + "/v1/responses", sessions, turns)))
+            fake.reply_deltas = None
+            overheads = asyncio.run(_recovery(procs["replayguard"].url + "/v1/responses", fake, ping_timeout, rounds))
+        finally:
+            for proc in procs.values():
+                proc.stop()
+    best = {name: max(runs, key=lambda r: r.rate) for name, runs in results.items()}
+    plain, rg = best["plain"], best["replayguard"]
+    rows.append(("streaming throughput (events/s)",
+                 f"direct {best['direct'].rate:,.0f} | plain {plain.rate:,.0f} | replayguard {rg.rate:,.0f}",
+                 f"ratio {rg.rate / plain.rate:.2f}x (target >= 0.8x)"))
+    rows.append(("added latency per event p50 (ms)", f"plain {plain.latency_ms(0.5):.2f} | replayguard "
+                 f"{rg.latency_ms(0.5):.2f}", f"+{rg.latency_ms(0.5) - plain.latency_ms(0.5):.2f} ms"))
+    rows.append(("added latency per event p99 (ms)", f"plain {plain.latency_ms(0.99):.2f} | replayguard "
+                 f"{rg.latency_ms(0.99):.2f}", f"+{rg.latency_ms(0.99) - plain.latency_ms(0.99):.2f} ms"))
+    rows.append(("recovery overhead (s, resend - ping timeout)",
+                 f"median {statistics.median(overheads):.3f} | max {max(overheads):.3f} over {rounds}",
+                 "target <= 0.2 s"))
+    costs = per_turn_cost(100 if quick else 1000)
+    first, last = min(costs), max(costs)
+    rows.append(("per-turn core cost (us), 20 KB turns",
+                 " | ".join(f"turn {m}: {c:.0f}" for m, c in costs.items()),
+                 f"turn {last}/turn {first}: {costs[last] / costs[first]:.2f}x (target <= 1.5x)"))
+    json_bytes, held, after, cleared = memory(50 if quick else 300)
+    rows.append(("replay state memory", f"chain JSON {json_bytes / 2**20:.1f} MiB | held {held / 2**20:.1f} MiB "
+                 f"| after session {after / 2**20:.1f} MiB | store cleared {cleared / 2**20:.2f} MiB",
+                 f"held/JSON {held / json_bytes:.2f}x (target <= 1.5x)"))
+    width = max(len(r[0]) for r in rows)
+    head = (f"replayguard bench ({'quick' if quick else 'full'}): {sessions} sessions x {turns} turns x {deltas} deltas, "
+            f"python {platform.python_version()}, {os.cpu_count()} cores")
+    lines = [head, "-" * len(head)]
+    lines += [f"{name.ljust(width)}  {value}  [{verdict}]" for name, value, verdict in rows]
+    return "\n".join(lines)
