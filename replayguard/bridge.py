@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 import time
 from http import HTTPStatus
@@ -29,6 +30,16 @@ logging.getLogger("websockets").setLevel(logging.WARNING)  # it logs every frame
 
 TOKEN_HEADER = "x-replayguard-session"
 PENDING_TTL = 30.0  # seconds a registered session waits for mitmproxy to connect to the bridge
+
+# The event type, when it is the first key (as the upstream sends it): cheap to read without decoding.
+_TYPE_HEAD = re.compile(r'\{\s*"type"\s*:\s*"([a-z_.]+)"')
+
+
+def is_delta(message: str) -> bool:
+    """A streaming delta event (`response.*.delta`): forwarded without being decoded."""
+    m = _TYPE_HEAD.match(message, 0, 96)
+    return m is not None and m.group(1).endswith(".delta")
+
 
 # (flow id, kind, text): kind is "recovered", "failed" or "info"
 Notify = Callable[[str, str, str], None]
@@ -219,6 +230,13 @@ class Session:
         if inflight:
             self._event_seen = True
         if isinstance(message, bytes):
+            await self._to_client(message)
+            return
+        if is_delta(message):
+            # Most of a stream: the state never needs these, so they are not decoded.
+            turn = self.chain.turn
+            if turn is not None and inflight:
+                turn.forwarded = True
             await self._to_client(message)
             return
         try:
