@@ -196,9 +196,9 @@ def run(quick: bool) -> str:
                  f"direct {best['direct'].rate:,.0f} | plain {plain.rate:,.0f} | replayguard {rg.rate:,.0f}",
                  f"ratio {rg.rate / plain.rate:.2f}x (target >= 0.8x)"))
     rows.append(("added latency per event p50 (ms)", f"plain {plain.latency_ms(0.5):.2f} | replayguard "
-                 f"{rg.latency_ms(0.5):.2f}", f"+{rg.latency_ms(0.5) - plain.latency_ms(0.5):.2f} ms"))
+                 f"{rg.latency_ms(0.5):.2f}", f"{rg.latency_ms(0.5) - plain.latency_ms(0.5):+.2f} ms"))
     rows.append(("added latency per event p99 (ms)", f"plain {plain.latency_ms(0.99):.2f} | replayguard "
-                 f"{rg.latency_ms(0.99):.2f}", f"+{rg.latency_ms(0.99) - plain.latency_ms(0.99):.2f} ms"))
+                 f"{rg.latency_ms(0.99):.2f}", f"{rg.latency_ms(0.99) - plain.latency_ms(0.99):+.2f} ms"))
     rows.append(("recovery overhead (s, resend - ping timeout)",
                  f"median {statistics.median(overheads):.3f} | max {max(overheads):.3f} over {rounds}",
                  "target <= 0.2 s"))
