@@ -42,6 +42,12 @@ def output_for(call: dict[str, Any], text: str = "file.txt") -> dict[str, Any]:
     return {"type": "function_call_output", "call_id": call["call_id"], "output": text}
 
 
+def lose_idle_upstream(fake: Any, proxy: Any) -> None:
+    """The upstream closes an idle connection (1011, as upstreams do) and the proxy notices."""
+    fake.close_all(1011, "keepalive ping timeout")
+    proxy.wait_log(r"lost while idle")
+
+
 # -- healthy path ---------------------------------------------------------------------------------
 def test_healthy_chain_passes_through_unchanged(fake, mitm):
     proxy = mitm(fake)
@@ -77,8 +83,7 @@ def test_idle_close_then_text_continuation_is_replayed(fake, mitm):
     proxy = mitm(fake)
     client = Client(proxy.url + "/v1/responses", headers=AUTH)
     r1 = completed(client.turn({"model": "m", "store": False, "input": [user("hello")]}))
-    fake.close_all(1011, "keepalive ping timeout")
-    proxy.wait_log(r"lost while idle")
+    lose_idle_upstream(fake, proxy)
     r2 = completed(client.turn({"model": "m", "store": False, "previous_response_id": r1["id"],
                                 "input": [user("again")]}))
     assert r2["output"][0]["content"][0]["text"] == "reply to: again"
@@ -96,8 +101,7 @@ def test_idle_close_after_tool_call_replays_function_call_output(fake, mitm):
     proxy = mitm(fake)
     client = Client(proxy.url + "/v1/responses", headers=AUTH)
     r1, call = tool_turns(client)
-    fake.close_all(1011)
-    proxy.wait_log(r"lost while idle")
+    lose_idle_upstream(fake, proxy)
     r2 = completed(client.turn({"model": "m", "store": False, "previous_response_id": r1["id"],
                                 "input": [output_for(call)]}))
     assert r2["output"][0]["content"][0]["text"] == "tool said: file.txt"
@@ -164,8 +168,7 @@ def test_refused_reconnect_fails_closed_with_error_event(fake, mitm):
     proxy = mitm(fake)
     client = Client(proxy.url + "/v1/responses")
     r1 = completed(client.turn({"model": "m", "store": False, "input": [user("hello")]}))
-    fake.close_all(1011)
-    proxy.wait_log(r"lost while idle")
+    lose_idle_upstream(fake, proxy)
     fake.refuse_next(5, 503)
     started = time.monotonic()
     client.send({"type": "response.create", "model": "m", "store": False, "previous_response_id": r1["id"],
@@ -241,8 +244,7 @@ def test_orphaned_output_fails_closed_naming_call_id(fake, mitm):
     proxy = mitm(fake)
     client = Client(proxy.url + "/v1/responses")
     r1 = completed(client.turn({"model": "m", "store": False, "input": [user("hello")]}))
-    fake.close_all(1011)
-    proxy.wait_log(r"lost while idle")
+    lose_idle_upstream(fake, proxy)
     client.send({"type": "response.create", "model": "m", "store": False, "previous_response_id": r1["id"],
                  "input": [{"type": "function_call_output", "call_id": "call_ghost", "output": "x"}]})
     events, code, _ = client.until_closed()
@@ -258,8 +260,7 @@ def test_strict_policy_reproduces_peer_fail_close(fake, mitm):
     proxy = mitm(fake, recovery={"policy": "strict"})
     client = Client(proxy.url + "/v1/responses")
     r1, call = tool_turns(client)
-    fake.close_all(1011)
-    proxy.wait_log(r"lost while idle")
+    lose_idle_upstream(fake, proxy)
     client.send({"type": "response.create", "model": "m", "store": False, "previous_response_id": r1["id"],
                  "input": [output_for(call)]})
     events, code, reason = client.until_closed()
@@ -273,8 +274,7 @@ def test_strict_policy_still_replays_text_only_chains(fake, mitm):
     proxy = mitm(fake, recovery={"policy": "strict"})
     client = Client(proxy.url + "/v1/responses")
     r1 = completed(client.turn({"model": "m", "store": False, "input": [user("hello")]}))
-    fake.close_all(1011)
-    proxy.wait_log(r"lost while idle")
+    lose_idle_upstream(fake, proxy)
     completed(client.turn({"model": "m", "store": False, "previous_response_id": r1["id"], "input": [user("b")]}))
 
 
@@ -306,8 +306,7 @@ def test_store_true_continuation_keeps_previous_response_id_after_reconnect(fake
     proxy = mitm(fake)
     client = Client(proxy.url + "/v1/responses")
     r1 = completed(client.turn({"model": "m", "store": True, "input": [user("hello")]}))
-    fake.close_all(1011)
-    proxy.wait_log(r"lost while idle")
+    lose_idle_upstream(fake, proxy)
     completed(client.turn({"model": "m", "store": True, "previous_response_id": r1["id"], "input": [user("b")]}))
     assert creates(fake, 2)[0]["previous_response_id"] == r1["id"]  # stored server-side: no rewrite needed
 
@@ -316,8 +315,7 @@ def test_regular_proxy_mode_with_connect(fake, mitm):
     proxy = mitm(mode="regular")
     client = Client(f"ws://127.0.0.1:{fake.port}/v1/responses", proxy=f"http://127.0.0.1:{proxy.port}")
     r1, call = tool_turns(client)
-    fake.close_all(1011)
-    proxy.wait_log(r"lost while idle")
+    lose_idle_upstream(fake, proxy)
     r2 = completed(client.turn({"model": "m", "store": False, "previous_response_id": r1["id"],
                                 "input": [output_for(call)]}))
     assert r2["output"][0]["content"][0]["text"] == "tool said: file.txt"
@@ -432,8 +430,7 @@ def test_regular_mode_tls_upstream_honours_ssl_insecure(tmp_path, mitm):
                 continue
             client = Client(url, proxy=f"http://127.0.0.1:{proxy.port}", ssl=ca, headers=AUTH)
             r1, call = tool_turns(client)
-            upstream.close_all(1011)
-            proxy.wait_log(r"lost while idle")
+            lose_idle_upstream(upstream, proxy)
             r2 = completed(client.turn({"model": "m", "store": False, "previous_response_id": r1["id"],
                                         "input": [output_for(call)]}))
             assert r2["output"][0]["content"][0]["text"] == "tool said: file.txt"
@@ -447,8 +444,7 @@ def test_large_messages_pass_and_replay(fake, mitm):
     client = Client(proxy.url + "/v1/responses")
     big = "x" * (17 * 2**20)
     r1 = completed(client.turn({"model": "m", "store": False, "input": [user("image " + big)]}, timeout=60))
-    fake.close_all(1011)
-    proxy.wait_log(r"lost while idle")
+    lose_idle_upstream(fake, proxy)
     completed(client.turn({"model": "m", "store": False, "previous_response_id": r1["id"], "input": [user("b")]},
                           timeout=60))
     replay = creates(fake, 2)[0]
