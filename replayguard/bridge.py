@@ -423,6 +423,15 @@ class Session:
                 transport.abort()
 
 
+def limit_message_size(ws: ServerConnection, size: int) -> None:
+    """Per-connection cap on incoming messages (websockets >= 16 calls it max_message_size, older max_size)."""
+    protocol: Any = ws.protocol
+    if hasattr(protocol, "max_message_size"):
+        protocol.max_message_size = size
+    else:
+        protocol.max_size = size
+
+
 class Bridge:
     """The loopback WebSocket server mitmproxy's matched flows are pointed at."""
 
@@ -502,7 +511,7 @@ class Bridge:
             return
         session, handle = entry
         handle.cancel()
-        ws.protocol.max_size = session.target.max_size
+        limit_message_size(ws, session.target.max_size)
         self.active.add(session)
         try:
             await session.run(ws)
