@@ -216,6 +216,13 @@ class FakeUpstream:
                 await conn.ws.close(1000, "connection limit reached")
         self._call(go)
 
+    def send_raw_all(self, message: str | bytes) -> None:
+        """Send a raw frame (garbage, truncated JSON, binary) on every open connection."""
+        async def go() -> None:
+            for conn in list(self._conns.values()):
+                await conn.ws.send(message)
+        self._call(go)
+
     def forget_responses(self) -> None:
         """Every connection loses its cache (as when a request lands on another upstream host)."""
         self._call(lambda: [c.cache.clear() for c in self._conns.values()])

@@ -66,3 +66,20 @@ def test_message_over_the_cap_closes_with_1009_and_other_flows_live_on(fake, mit
     assert not any(m.get("type") == "response.create" for c, m in fake.received if c == 1)
     assert completed(bystander.turn({"model": "m", "store": False, "input": "hi"}))["status"] == "completed"
     assert json.dumps(bystander.received).count("response.completed") == 1
+
+
+def test_garbage_from_the_upstream_is_passed_through_and_the_session_goes_on(fake, mitm):
+    proxy = mitm(fake)
+    client = Client(proxy.url + "/v1/responses")
+    r1 = completed(client.turn({"model": "m", "store": False, "input": [user("hello")]}))
+    fake.send_raw_all('{"type": "response.output_text.delta", "delta": "trunc')  # truncated JSON
+    fake.send_raw_all("not json at all")
+    fake.send_raw_all(b"\xff\xfe\x00")
+    fake.send_raw_all("[1, 2, 3]")
+    assert client.ws.recv(timeout=5) == '{"type": "response.output_text.delta", "delta": "trunc'
+    assert client.ws.recv(timeout=5) == "not json at all"
+    assert client.ws.recv(timeout=5) == b"\xff\xfe\x00"
+    assert client.ws.recv(timeout=5) == "[1, 2, 3]"
+    r2 = completed(client.turn({"model": "m", "store": False, "previous_response_id": r1["id"], "input": [user("b")]}))
+    assert r2["output"][0]["content"][0]["text"] == "reply to: b"
+    assert "Traceback" not in proxy.log
