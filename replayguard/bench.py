@@ -18,7 +18,7 @@ import time
 import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from websockets.asyncio.client import connect
 
@@ -100,30 +100,41 @@ async def _recovery(url: str, fake: FakeUpstream, ping_timeout: float, rounds: i
     return overheads
 
 
-def per_turn_cost(turns: int, item_bytes: int = 20_000) -> dict[int, float]:
-    """Median microseconds of core work per turn (parse the create, keep state, feed the events) by turn number."""
-    chain = Chain(ChainStore(), max_chain_bytes=2**40)
-    costs: list[int] = []
+def _chain_messages(turns: int, item_bytes: int) -> Iterator[tuple[str, list[str]]]:
+    """One chain of store=false continuations: (the client's response.create, the upstream's events) per turn."""
     previous = None
     for t in range(turns):
         request: dict[str, Any] = {"type": "response.create", "model": "m", "store": False,
                                    "input": [{"type": "message", "role": "user", "content": f"{t} " + "x" * item_bytes}]}
         if previous:
             request["previous_response_id"] = previous
-        raw = json.dumps(request)
         rid = f"resp_{t}"
         item = {"type": "message", "id": f"msg_{t}", "role": "assistant",
                 "content": [{"type": "output_text", "text": "ok", "annotations": []}]}
-        events = [json.dumps({"type": "response.created", "response": {"id": rid}}),
-                  json.dumps({"type": "response.output_item.done", "item": item}),
-                  json.dumps({"type": "response.completed", "response": {"id": rid, "output": [item]}})]
-        started = time.perf_counter_ns()
-        turn = chain.begin_turn(json.loads(raw), raw)
-        chain.needs_rewrite(turn)
-        for e in events:
-            chain.on_event(json.loads(e), len(e))
-        costs.append(time.perf_counter_ns() - started)
+        yield json.dumps(request), [
+            json.dumps({"type": "response.created", "response": {"id": rid}}),
+            json.dumps({"type": "response.output_item.done", "item": item}),
+            json.dumps({"type": "response.completed", "response": {"id": rid, "output": [item]}}),
+        ]
         previous = rid
+
+
+def _feed(chain: Chain, raw: str, events: list[str]) -> None:
+    """The core's work for one turn, as the bridge does it: parse the create, keep state, feed the events."""
+    turn = chain.begin_turn(json.loads(raw), raw)
+    chain.needs_rewrite(turn)
+    for e in events:
+        chain.on_event(json.loads(e), len(e))
+
+
+def per_turn_cost(turns: int, item_bytes: int = 20_000) -> dict[int, float]:
+    """Median microseconds of core work per turn, at turns 10, 100 and 1000 of one chain."""
+    chain = Chain(ChainStore(), max_chain_bytes=2**40)
+    costs: list[int] = []
+    for raw, events in _chain_messages(turns, item_bytes):
+        started = time.perf_counter_ns()
+        _feed(chain, raw, events)
+        costs.append(time.perf_counter_ns() - started)
     marks = [m for m in (10, 100, 1000) if m <= turns]
     return {m: statistics.median(costs[max(0, m - 10):m]) / 1000 for m in marks}
 
@@ -135,19 +146,9 @@ def memory(turns: int, item_bytes: int = 20_000) -> tuple[int, int, int, int]:
     base = tracemalloc.get_traced_memory()[0]
     store = ChainStore()
     chain = Chain(store, max_chain_bytes=2**40)
-    previous = None
-    for t in range(turns):
-        request: dict[str, Any] = {"type": "response.create", "store": False,
-                                   "input": [{"type": "message", "role": "user", "content": "x" * item_bytes}]}
-        if previous:
-            request["previous_response_id"] = previous
-        raw = json.dumps(request)
-        chain.begin_turn(json.loads(raw), raw)
-        item = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "ok"}]}
-        chain.on_event({"type": "response.output_item.done", "item": item}, 80)
-        chain.on_event({"type": "response.completed", "response": {"id": f"r{t}"}}, 40)
-        previous = f"r{t}"
-        del raw, request
+    for raw, events in _chain_messages(turns, item_bytes):
+        _feed(chain, raw, events)
+    del raw, events
     gc.collect()
     held = tracemalloc.get_traced_memory()[0] - base
     assert chain.head is not None and chain.head.history is not None

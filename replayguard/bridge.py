@@ -232,25 +232,19 @@ class Session:
         if isinstance(message, bytes):
             await self._to_client(message)
             return
-        if is_delta(message):
-            # Most of a stream: the state never needs these, so they are not decoded.
-            turn = self.chain.turn
-            if turn is not None and inflight:
-                turn.forwarded = True
-            await self._to_client(message)
-            return
-        try:
-            event = json.loads(message)
-        except ValueError:
-            await self._to_client(message)
-            return
-        if not isinstance(event, dict):
-            await self._to_client(message)
-            return
         turn = self.chain.turn
-        if event.get("type") == "error" and self._swallow_error(conn, event, turn if inflight else None):
-            return
-        result = self.chain.on_event(event, len(message))
+        result = None
+        if not is_delta(message):  # deltas, most of a stream, are never needed by the state: not decoded
+            try:
+                event = json.loads(message)
+            except ValueError:
+                event = None
+            if not isinstance(event, dict):
+                await self._to_client(message)
+                return
+            if event.get("type") == "error" and self._swallow_error(conn, event, turn if inflight else None):
+                return
+            result = self.chain.on_event(event, len(message))
         if turn is not None and inflight:
             turn.forwarded = True
         await self._to_client(message)

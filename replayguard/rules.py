@@ -84,9 +84,8 @@ Check = Callable[[Any], Any]
 
 def _number(minimum: float, integer: bool = False) -> Check:
     def check(value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-            raise ValueError(f"expected {'an integer' if integer else 'a number'} >= {minimum:g}, got {value!r}")
-        if not value >= minimum:  # also rejects NaN
+        wrong_type = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+        if wrong_type or not value >= minimum:  # `not >=` also rejects NaN
             raise ValueError(f"expected {'an integer' if integer else 'a number'} >= {minimum:g}, got {value!r}")
         return value
 
