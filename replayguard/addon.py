@@ -13,13 +13,16 @@ from mitmproxy.hooks import UpdateHook
 from .bridge import TOKEN_HEADER, Bridge, Session
 from .chain import ChainStore
 from .errors import http_error_body
+from .faults import FaultInjector
 from .rules import Rules, RulesError, load_rules
+from .trace import SessionTrace, TraceWriter, redact_url, scrub
 from .upstream import HandshakeFailed, Target, forwardable
 
 log = logging.getLogger(__name__)
 
 MARK_RECOVERED = ":recycle:"
 MARK_FAILED = ":no_entry:"
+MARK_FAULT = ":zap:"
 
 
 def is_websocket_upgrade(request: http.Request) -> bool:
@@ -42,11 +45,17 @@ class ReplayGuard:
         self.store = ChainStore()
         self.bridge = Bridge()
         self.flows: dict[str, http.HTTPFlow] = {}
+        self.trace: TraceWriter | None = None
 
     def load(self, loader: Any) -> None:
         loader.add_option(
             "replayguard_rules", str, "",
             "replayguard rules file (YAML). Default: rules.yaml beside addon.py.",
+        )
+        loader.add_option(
+            "replayguard_trace", str, "",
+            "Write a chain trace (JSON Lines, private to the user) to this file, or to a new file in this "
+            "directory (trailing slash or an existing directory). Read it with `python -m replayguard trace FILE`.",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -58,6 +67,11 @@ class ReplayGuard:
             self.rules = rules
             self.store.max_records = rules.limits.max_saved_responses
             log.info("replayguard: rules from %s (policy %s)", rules.source, rules.recovery.policy.value)
+            if rules.faults:
+                log.warning("replayguard: %d fault rule(s) active: failures will be injected on purpose",
+                            len(rules.faults))
+        if "replayguard_trace" in updated:
+            self._open_trace(ctx.options.replayguard_trace)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         request = flow.request
@@ -77,18 +91,24 @@ class ReplayGuard:
             connect_timeout=rules.upstream.connect_timeout,
             max_size=rules.upstream.max_message_size,
         )
-        session = Session(flow.id, target, rules, self.store, self._notify)
+        trace = None
+        if self.trace is not None:
+            trace = SessionTrace(self.trace, flow.id, target.headers, rules.trace.bodies)
+        faults = rules.faults_for(request.host, request.path, flow)
+        session = Session(flow.id, target, rules, self.store, self._notify, trace,
+                          FaultInjector(faults) if faults else None)
+        client = flow.client_conn.peername
         try:
-            await session.open()
+            await session.open(f"{client[0]}:{client[1]}" if client else "")
         except Exception as e:
             if not isinstance(e, HandshakeFailed):  # never leave the client hanging on our own bug
                 log.exception("flow %s: opening the upstream connection failed", flow.id)
                 e = HandshakeFailed(f"replayguard internal error: {type(e).__name__}")
             flow.response = self._refusal(e)
             log.warning("flow %s: upstream handshake to %s failed: %s -> HTTP %d to client",
-                        flow.id, target.url, e.detail, flow.response.status_code)
+                        flow.id, redact_url(target.url), scrub(e.detail), flow.response.status_code)
             flow.marked = MARK_FAILED
-            flow.comment = f"replayguard: upstream handshake failed: {e.detail}"
+            flow.comment = f"replayguard: upstream handshake failed: {scrub(e.detail)}"
             return
         token = self.bridge.register(session)
         self.flows[flow.id] = flow
@@ -107,6 +127,21 @@ class ReplayGuard:
 
     async def done(self) -> None:
         await self.bridge.stop()
+        if self.trace is not None:
+            self.trace.close()
+            self.trace = None
+
+    def _open_trace(self, path: str) -> None:
+        old, self.trace = self.trace, None
+        if old is not None:
+            old.close()
+        if not path:
+            return
+        try:
+            self.trace = TraceWriter(path)
+        except OSError as e:
+            raise OptionsError(f"replayguard: cannot write trace file {path}: {e.strerror or e}") from None
+        log.info("replayguard: writing chain trace to %s", self.trace.path)
 
     # -- helpers ----------------------------------------------------------------------------------
     @staticmethod
@@ -142,7 +177,7 @@ class ReplayGuard:
         flow = self.flows.get(flow_id)
         if flow is None:
             return
-        flow.marked = MARK_FAILED if kind == "failed" else MARK_RECOVERED
+        flow.marked = {"failed": MARK_FAILED, "recovered": MARK_RECOVERED}.get(kind, MARK_FAULT)
         line = f"replayguard: {text}"
         flow.comment = f"{flow.comment}\n{line}" if flow.comment else line
         try:

@@ -20,7 +20,9 @@ from typing import Any, Callable, Coroutine
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from . import trace as tr
 from .chain import Chain, ChainStore, RequestError, Turn
+from .faults import FaultInjector, FaultKind, Fired
 from .recovery import Action, Decision, Situation, Trigger, decide, handshake_failed
 from .rules import Rules
 from .upstream import HandshakeFailed, Target, Upstream, open_upstream
@@ -48,8 +50,11 @@ Notify = Callable[[str, str, str], None]
 class Session:
     """One client WebSocket session: the replay state plus the I/O around it."""
 
-    def __init__(self, flow_id: str, target: Target, rules: Rules, store: ChainStore, notify: Notify | None = None):
+    def __init__(self, flow_id: str, target: Target, rules: Rules, store: ChainStore, notify: Notify | None = None,
+                 trace: tr.SessionTrace | None = None, faults: FaultInjector | None = None):
         self.flow_id = flow_id
+        self.trace = trace  # None when tracing is off: every trace call site is one `if`
+        self.faults = faults  # None unless rules.yaml injects faults into this flow
         self.target = target
         self.rules = rules
         self.chain = Chain(store, rules.limits.max_chain_bytes)
@@ -62,11 +67,44 @@ class Session:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._inflight: tuple[Turn, Upstream] | None = None  # the turn in flight and where it was sent
         self._event_seen = False  # an upstream event arrived since the turn was sent
+        self._turn_t0 = 0.0  # when the turn in flight was sent by the client
+        self._failed_closed: Decision | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
-    async def open(self) -> None:
+    async def open(self, client: str = "") -> None:
         """Open the first upstream connection (raises HandshakeFailed)."""
-        self.upstream = await open_upstream(self.target)
+        if self.trace:
+            self.trace("session.start", schema=tr.SCHEMA, url=tr.redact_url(self.target.url), client=client)
+        try:
+            self.upstream = await self._open_upstream("open")
+        except HandshakeFailed as e:
+            if self.trace:
+                self.trace("session.end", turns_completed=0, turns_failed=0, recoveries=0,
+                           reason=f"upstream handshake failed: {e.detail}")
+            raise
+
+    async def _open_upstream(self, purpose: str) -> Upstream:
+        """A new upstream connection (raises HandshakeFailed); traced, and refused on purpose by a fault rule."""
+        started = time.monotonic()
+        refusal = self.faults.take_refusal() if self.faults is not None else None
+        try:
+            if refusal is not None:
+                log.warning("flow %s: injected fault: upstream handshake refused with HTTP %d", self.flow_id, refusal)
+                body = json.dumps({"error": {"type": "server_error", "code": None, "param": None,
+                                             "message": f"injected by replayguard: HTTP {refusal}"}}).encode()
+                raise HandshakeFailed(f"upstream answered HTTP {refusal} (injected)", refusal, body, "application/json")
+            conn = await open_upstream(self.target)
+        except HandshakeFailed as e:
+            if self.trace:
+                self.trace("handshake", conn=None, url=tr.redact_url(self.target.url), purpose=purpose, ok=False,
+                           status=e.status, ms=_ms(started), headers=tr.redact_headers(self.target.request_headers()),
+                           error=e.detail, injected=refusal is not None)
+            raise
+        if self.trace:
+            self.trace("handshake", conn=conn.id, url=tr.redact_url(self.target.url), purpose=purpose, ok=True,
+                       status=101, ms=_ms(started), headers=tr.redact_headers(self.target.request_headers()),
+                       response_headers=tr.redact_headers(conn.response_headers()))
+        return conn
 
     async def run(self, client: ServerConnection) -> None:
         self.client = client
@@ -87,8 +125,13 @@ class Session:
         if self.closed:
             return
         self.closed = True
-        if self.chain.abort_turn() is not None:
+        aborted = self.chain.abort_turn()
+        if aborted is not None:
             log.info("flow %s: client left mid-turn; upstream response stopped", self.flow_id)
+            self._trace_end(aborted, None, "client left mid-turn")
+        if self.trace:
+            self.trace("session.end", turns_completed=self.chain.completed, turns_failed=self.chain.failed,
+                       recoveries=self.recoveries, reason=self._end_reason())
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current:
@@ -123,6 +166,11 @@ class Session:
     async def _create(self, request: dict[str, Any], raw: str) -> None:
         try:
             turn = self.chain.begin_turn(request, raw)
+            self._turn_t0 = time.monotonic()
+            if self.trace:
+                conn = self.upstream.id if self.upstream is not None else None
+                self.trace("turn.start", turn=turn.number, conn=conn,
+                           **tr.turn_start_fields(request, len(raw), self.trace.bodies))
         except RequestError as e:
             log.debug("flow %s: passing unreadable response.create through: %s", self.flow_id, e)
             async with self._lock:
@@ -156,7 +204,12 @@ class Session:
             len(situation.replay or ()),
         )
         self.notify(self.flow_id, "recovered", f"turn {turn.number}: resumed {turn.previous_id} from chain state")
-        return json.dumps(turn.replay_request())
+        body = turn.replay_request()
+        payload = json.dumps(body)
+        if self.trace:
+            conn = self.upstream.id if self.upstream is not None else None
+            self._trace_recovery(turn, Trigger.RESUME, decision, conn, conn, body, len(payload))
+        return payload
 
     async def _preflight(self, turn: Turn) -> Trigger | None:
         """Is the upstream connection fit for this turn? Returns why not, or None."""
@@ -168,6 +221,9 @@ class Session:
             return conn.lost if isinstance(conn.lost, Trigger) else Trigger.CLOSED
         if conn.age() >= cfg.rotation_age:
             conn.lost = Trigger.ROTATION
+            if self.trace:
+                self.trace("upstream.lost", conn=conn.id, how=Trigger.ROTATION, detail=f"age {conn.age():.0f}s",
+                           turn=turn.number)
             self._spawn(self._close_ws(conn, 1000, "rotated"))
             return Trigger.ROTATION
         if turn.previous_id is not None and conn.idle_for() >= cfg.ping_idle:
@@ -181,7 +237,7 @@ class Session:
         if self.upstream is not None and self.upstream.alive:
             return self.upstream
         try:
-            conn = await open_upstream(self.target)
+            conn = await self._open_upstream("reconnect")
         except HandshakeFailed as e:
             await self._fail(None, handshake_failed(Trigger.CLOSED, e.status, e.detail))
             return None
@@ -198,7 +254,13 @@ class Session:
         self._inflight = (turn, conn)
         self._event_seen = False
         attempt = turn.attempts
-        await self._send(conn, payload)
+        injected = self.faults.take_error(turn.previous_id) if self.faults is not None else None
+        if injected is not None:
+            # Answered as the upstream would, without sending: the error arrives on this connection.
+            self._fault_applied("error", f"turn {turn.number} answered with {injected['error']['code']}", conn)
+            self._spawn(self._from_upstream(conn, json.dumps(injected)))
+        else:
+            await self._send(conn, payload)
         self._spawn(self._watch_first_event(conn, turn, attempt))
 
     async def _watch_first_event(self, conn: Upstream, turn: Turn, attempt: int) -> None:
@@ -211,6 +273,11 @@ class Session:
     async def _read_upstream(self, conn: Upstream) -> None:
         try:
             async for message in conn.ws:
+                if self.faults is not None and self.faults.delay and self._inflight is not None \
+                        and self._inflight[1] is conn:
+                    delay = self.faults.take_delay()
+                    self._fault_applied("delay", f"first frame of turn {self._inflight[0].number} held {delay:g}s", conn)
+                    await asyncio.sleep(delay)
                 conn.last_heard = time.monotonic()
                 if conn is self.upstream and conn.alive:
                     await self._from_upstream(conn, message)
@@ -234,6 +301,7 @@ class Session:
             return
         turn = self.chain.turn
         result = None
+        event: dict[str, Any] | None = None
         if not is_delta(message):  # deltas, most of a stream, are never needed by the state: not decoded
             try:
                 event = json.loads(message)
@@ -250,6 +318,11 @@ class Session:
         await self._to_client(message)
         if result is not None:
             self._inflight = None
+            if self.trace:
+                self._trace_end(result.turn, event, None, conn)
+            if result.ok and self.faults is not None:
+                for fired in self.faults.turn_completed(self.chain.completed):
+                    self._inject(fired, conn)
             if result.evicted_bytes:
                 log.warning(
                     "flow %s turn %d: chain history reached %d bytes (max_chain_bytes %d): evicted, no longer replayable",
@@ -274,12 +347,16 @@ class Session:
                 return False  # the turn went elsewhere; let the client see it
             # Idle: the connection is finished; the next turn opens a new one.
             conn.lost = trigger
+            if self.trace:
+                self.trace("upstream.lost", conn=conn.id, how=trigger, detail=tr.error_fields(event), turn=None)
             self._spawn(self._close_ws(conn, 1000, "connection limit"))
             log.info("flow %s: %s while idle; next turn reconnects", self.flow_id, trigger.value)
             return True
         if turn.forwarded:
             return False
         conn.lost = trigger
+        if self.trace:
+            self.trace("upstream.lost", conn=conn.id, how=trigger, detail=tr.error_fields(event), turn=turn.number)
         self._spawn(self._close_ws(conn, 1000, "replaced"))
         self._spawn(self._recover(turn, trigger))
         return True
@@ -301,6 +378,9 @@ class Session:
         if conn is not self.upstream or self.closed:
             return
         inflight = self._inflight
+        if self.trace:
+            turn = inflight[0].number if inflight is not None and inflight[1] is conn else None
+            self.trace("upstream.lost", conn=conn.id, how=trigger, detail=detail, turn=turn)
         if inflight is not None and inflight[1] is conn and self.chain.turn is inflight[0]:
             self._spawn(self._recover(inflight[0], trigger, detail))
         else:
@@ -335,18 +415,23 @@ class Session:
         if trigger is not Trigger.ROTATION:
             turn.attempts += 1
         try:
-            conn = await open_upstream(self.target)
+            conn = await self._open_upstream("recovery")
         except HandshakeFailed as e:
             await self._fail(turn, handshake_failed(trigger, e.status, e.detail))
             return
         if self.closed:
             await self._close_ws(conn, 1000, "client went away")
             return
+        old = self.upstream.id if self.upstream is not None else None
         self._replace_upstream(conn)
+        body = None
         if decision.action is Action.REPLAY:
-            payload = json.dumps(turn.replay_request())
+            body = turn.replay_request()
+            payload = json.dumps(body)
         else:
             payload = turn.raw
+        if self.trace:
+            self._trace_recovery(turn, trigger, decision, old, conn.id, body, len(payload))
         self.recoveries += 1
         level = logging.DEBUG if trigger is Trigger.ROTATION else logging.INFO
         log.log(
@@ -370,8 +455,14 @@ class Session:
 
     async def _fail(self, turn: Turn | None, decision: Decision) -> None:
         """Fail closed: tell the client why (an upstream-shaped error event), then close it."""
-        self.chain.abort_turn()
+        aborted = self.chain.abort_turn()
         self._inflight = None
+        self._failed_closed = decision
+        if self.trace:
+            if aborted is not None:
+                self._trace_end(aborted, None, "failed closed")
+            self.trace("fail_close", turn=turn.number if turn is not None else None, reason=decision.reason,
+                       error=decision.error, close_code=decision.close_code, close_reason=decision.close_reason)
         number = turn.number if turn is not None else "-"
         log.warning("flow %s turn %s: %s -> failed closed (close %d)", self.flow_id, number, decision.reason,
                     decision.close_code)
@@ -398,6 +489,70 @@ class Session:
             if not await conn.ping(cfg.ping_timeout) and conn.alive and self.chain.turn is None:
                 self._declare_dead(conn, Trigger.PING_TIMEOUT, f"keepalive: no pong within {cfg.ping_timeout:g}s")
 
+    # -- faults and trace -------------------------------------------------------------------------
+    def _inject(self, fired: Fired, conn: Upstream) -> None:
+        """Carry out a fault that fired after a completed turn (the rest are armed in the injector)."""
+        rule = fired.rule
+        log.warning("flow %s: injected fault after turn %d: %s", self.flow_id, fired.after_turn, rule.describe())
+        self.notify(self.flow_id, "info", f"injected fault after turn {fired.after_turn}: {rule.describe()}")
+        if self.trace:
+            self.trace("fault", kind=rule.kind, detail=rule.describe(), turn=fired.after_turn, conn=conn.id,
+                       rule_line=rule.line, injected=True)
+        if rule.kind is FaultKind.CLOSE:
+            self._spawn(self._close_ws(conn, rule.code, "replayguard fault injection"))
+        elif rule.kind is FaultKind.DROP:
+            conn.abort()
+        elif rule.kind is FaultKind.BLACKHOLE:
+            transport = conn.ws.transport
+            if transport is not None:
+                transport.pause_reading()
+
+    def _fault_applied(self, kind: str, detail: str, conn: Upstream) -> None:
+        log.warning("flow %s: injected fault: %s", self.flow_id, detail)
+        if self.trace:
+            self.trace("fault", kind=kind, detail=detail, turn=self.chain.turn.number if self.chain.turn else None,
+                       conn=conn.id, injected=True)
+
+    def _trace_end(self, turn: Turn, event: dict[str, Any] | None, reason: str | None,
+                   conn: Upstream | None = None) -> None:
+        if not self.trace:
+            return
+        fields: dict[str, Any] = {}
+        response = event.get("response") if event is not None else None
+        if isinstance(response, dict) and isinstance(response.get("usage"), dict):
+            fields["usage"] = response["usage"]
+        if event is not None and event.get("type") == "error":
+            fields["error"] = tr.error_fields(event)
+        if reason is not None:
+            fields["reason"] = reason
+        if self.trace.bodies is tr.Bodies.FULL and turn.outputs:
+            fields["output_items"] = turn.outputs
+        self.trace("turn.end", turn=turn.number, conn=conn.id if conn is not None else None, status=turn.status,
+                   response_id=turn.response_id, previous_response_id=turn.previous_id,
+                   output=[tr.summarize_item(i, self.trace.bodies) for i in turn.outputs],
+                   ms=_ms(self._turn_t0), **fields)
+
+    def _trace_recovery(self, turn: Turn, trigger: Trigger, decision: Decision, old: int | None, new: int,
+                        body: dict[str, Any] | None, size: int) -> None:
+        assert self.trace is not None
+        replayed = body is not None
+        fields: dict[str, Any] = {}
+        if replayed:
+            fields["input"] = tr.summarize_items(body["input"])
+            if self.trace.bodies is tr.Bodies.FULL:
+                fields["body"] = body
+        self.trace("recovery", turn=turn.number, trigger=trigger, action=decision.action, from_conn=old, to_conn=new,
+                   removed_previous_response_id=turn.previous_id if replayed else None,
+                   items=len(body["input"]) if replayed else len(turn.new_items), bytes=size, attempt=turn.attempts,
+                   **fields)
+
+    def _end_reason(self) -> str:
+        if self._failed_closed is not None:
+            return f"failed closed: {self._failed_closed.reason}"
+        ws = self.client
+        code = ws.close_code if ws is not None else None
+        return f"client closed ({code})" if code is not None else "closed"
+
     # -- helpers ----------------------------------------------------------------------------------
     @staticmethod
     async def _close_ws(conn: Upstream, code: int, reason: str) -> None:
@@ -415,6 +570,10 @@ class Session:
             transport = self.client.transport
             if transport is not None:
                 transport.abort()
+
+
+def _ms(since: float) -> float:
+    return round((time.monotonic() - since) * 1000, 1)
 
 
 def limit_message_size(ws: ServerConnection, size: int) -> None:

@@ -5,6 +5,7 @@ Loading validates every key against a schema and reports the first mistake as ``
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,9 @@ from typing import Any, Callable
 
 import yaml
 
+from .faults import FaultKind, FaultRule, InjectedError
 from .recovery import Policy
+from .trace import Bodies
 
 DEFAULT_RULES = Path(__file__).resolve().parent.parent / "rules.yaml"
 
@@ -67,15 +70,26 @@ class LimitRules:
 
 
 @dataclass(frozen=True, slots=True)
+class TraceRules:
+    bodies: Bodies = Bodies.SUMMARY
+
+
+@dataclass(frozen=True, slots=True)
 class Rules:
     match: tuple[MatchRule, ...]
     upstream: UpstreamRules = UpstreamRules()
     recovery: RecoveryRules = RecoveryRules()
     limits: LimitRules = LimitRules()
+    trace: TraceRules = TraceRules()
+    faults: tuple[FaultRule, ...] = ()
     source: str = "<defaults>"
 
     def matches(self, host: str, path: str, flow: Any = None) -> bool:
         return any(rule.matches(host, path, flow) for rule in self.match)
+
+    def faults_for(self, host: str, path: str, flow: Any = None) -> list[FaultRule]:
+        """The fault rules scoped to this flow (none unless rules.yaml has a ``faults`` list)."""
+        return [f for f in self.faults if f.match is None or f.match.matches(host, path, flow)]
 
 
 # -- validation ----------------------------------------------------------------------------------
@@ -97,6 +111,34 @@ def _policy(value: Any) -> Policy:
         return Policy(value)
     except ValueError:
         raise ValueError(f"expected one of {', '.join(p.value for p in Policy)}, got {value!r}") from None
+
+
+def _choice(enum_type: type[enum.Enum]) -> Check:
+    def check(value: Any) -> Any:
+        try:
+            return enum_type(value)
+        except ValueError:
+            raise ValueError(f"expected one of {', '.join(str(m.value) for m in enum_type)}, got {value!r}") from None
+
+    return check
+
+
+def _range(low: float, high: float, integer: bool = False) -> Check:
+    def check(value: Any) -> Any:
+        wrong_type = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+        if wrong_type or not low <= value <= high:
+            kind = "an integer" if integer else "a number"
+            raise ValueError(f"expected {kind} from {low:g} to {high:g}, got {value!r}")
+        return value
+
+    return check
+
+
+def _close_code(value: Any) -> int:
+    code = _range(1000, 4999, integer=True)(value)
+    if code in (1004, 1005, 1006, 1015):
+        raise ValueError(f"close code {code} cannot be sent in a close frame")
+    return code
 
 
 def _glob(value: Any) -> str:
@@ -126,8 +168,27 @@ SECTIONS: dict[str, tuple[type, dict[str, Check]]] = {
     ),
     "recovery": (RecoveryRules, {"policy": _policy, "max_retries": _number(0, integer=True)}),
     "limits": (LimitRules, {"max_chain_bytes": _number(1, integer=True), "max_saved_responses": _number(1, integer=True)}),
+    "trace": (TraceRules, {"bodies": _choice(Bodies)}),
 }
 MATCH_KEYS: dict[str, Check] = {"host": _glob, "path": _glob, "filter": _filter}
+
+# faults entries: when, what, and the keys that only mean something for one kind.
+FAULT_KEYS: dict[str, Check] = {
+    "kind": _choice(FaultKind),
+    "after_turn": _number(0, integer=True),
+    "probability": _range(0, 1),
+    "seed": _number(0, integer=True),
+    "times": _number(1, integer=True),
+    "code": _close_code,
+    "status": _range(400, 599, integer=True),
+    "count": _number(1, integer=True),
+    "error": _choice(InjectedError),
+    "seconds": _number(0),
+}
+FAULT_KIND_KEYS: dict[str, FaultKind] = {
+    "code": FaultKind.CLOSE, "status": FaultKind.REFUSE, "count": FaultKind.REFUSE,
+    "error": FaultKind.ERROR, "seconds": FaultKind.DELAY,
+}
 
 
 def _line(node: yaml.Node) -> int:
@@ -185,6 +246,8 @@ def parse_rules(text: str, path: str = "<rules>") -> Rules:
         name = key.value
         if name == "match":
             match = _parse_match(value, path)
+        elif name == "faults":
+            sections["faults"] = _parse_faults(value, path)
         elif name in SECTIONS:
             cls, checks = SECTIONS[name]
             kwargs = {}
@@ -201,7 +264,7 @@ def parse_rules(text: str, path: str = "<rules>") -> Rules:
                     raise RulesError(path, _line(v), f"{name}.{k.value}: {e}") from None
             sections[name] = cls(**kwargs)
         else:
-            known = ", ".join(["match", *SECTIONS])
+            known = ", ".join(["match", *SECTIONS, "faults"])
             raise RulesError(path, _line(key), f"unknown section {name!r}; expected one of {known}")
     if match is None:
         raise RulesError(path, _line(root), "missing 'match': a list of {host, path, filter} matchers")
@@ -228,6 +291,45 @@ def _parse_match(node: yaml.Node, path: str) -> tuple[MatchRule, ...]:
             raise RulesError(path, _line(entry), "a match entry needs host, path or filter")
         rules.append(MatchRule(**fields))
     return tuple(rules)
+
+
+def _parse_faults(node: yaml.Node, path: str) -> tuple[FaultRule, ...]:
+    if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+        return ()
+    if not isinstance(node, yaml.SequenceNode):
+        raise RulesError(path, _line(node), "faults must be a list of fault rules (each with kind and after_turn or probability)")
+    faults = []
+    for entry in node.value:
+        fields: dict[str, Any] = {}
+        scope: dict[str, Any] = {}
+        lines: dict[str, int] = {}
+        for k, v in _mapping(entry, path, "a fault rule"):
+            check = FAULT_KEYS.get(k.value) or MATCH_KEYS.get(k.value)
+            if check is None:
+                known = ", ".join([*FAULT_KEYS, *MATCH_KEYS])
+                raise RulesError(path, _line(k), f"unknown key faults.{k.value}; expected one of {known}")
+            lines[k.value] = _line(k)
+            try:
+                value = check(_value(v))
+                if k.value in MATCH_KEYS:
+                    scope[k.value] = value
+                    if k.value == "filter":
+                        scope["_compiled"] = _compile_filter(value)
+                else:
+                    fields[k.value] = value
+            except ValueError as e:
+                raise RulesError(path, _line(v), f"faults.{k.value}: {e}") from None
+        where = _line(entry)
+        kind = fields.get("kind")
+        if kind is None:
+            raise RulesError(path, where, f"a fault rule needs kind: one of {', '.join(k.value for k in FaultKind)}")
+        if "after_turn" not in fields and "probability" not in fields:
+            raise RulesError(path, where, f"fault {kind.value}: needs after_turn (a turn number) or probability (0..1)")
+        for key, owner in FAULT_KIND_KEYS.items():
+            if key in fields and owner is not kind:
+                raise RulesError(path, lines[key], f"faults.{key} applies to kind {owner.value}, not {kind.value}")
+        faults.append(FaultRule(match=MatchRule(**scope) if scope else None, line=where, **fields))
+    return tuple(faults)
 
 
 def load_rules(path: str | Path | None = None) -> Rules:

@@ -29,12 +29,15 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import logging
 import os
 import re
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+log = logging.getLogger(__name__)
 
 SCHEMA = 1
 PREVIEW_CHARS = 80
@@ -210,9 +213,8 @@ class TraceWriter:
     one line that readers skip.
     """
 
-    def __init__(self, path: str | Path, bodies: Bodies = Bodies.SUMMARY) -> None:
+    def __init__(self, path: str | Path) -> None:
         self.path = self.resolve(path)
-        self.bodies = bodies
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.fchmod(self._fd, 0o600)  # an existing file keeps no wider permissions than ours
@@ -223,6 +225,7 @@ class TraceWriter:
                 if f.read(1) != b"\n":
                     os.write(self._fd, b"\n")
         self.records = 0
+        self.failed: str | None = None  # the first write error (the trace goes on without the record)
 
     @staticmethod
     def resolve(path: str | Path) -> Path:
@@ -249,17 +252,20 @@ class TraceWriter:
 class SessionTrace:
     """One session's view of the trace: stamps the session id and scrubs its own secrets."""
 
-    def __init__(self, writer: TraceWriter, session: str, headers: Iterable[tuple[str, str]]) -> None:
+    def __init__(self, writer: TraceWriter, session: str, headers: Iterable[tuple[str, str]],
+                 bodies: Bodies = Bodies.SUMMARY) -> None:
         self.writer = writer
         self.session = session
-        self.bodies = writer.bodies
+        self.bodies = bodies
         self.secrets = secret_values(headers)
 
     def __call__(self, event: str, **fields: Any) -> None:
         try:
             self.writer.write(self.session, event, self.secrets, **fields)
-        except OSError:  # a full disk must not take the session down; the log says it once
-            pass
+        except OSError as e:  # a full disk must not take the session down; the log says it once
+            if self.writer.failed is None:
+                self.writer.failed = str(e)
+                log.warning("replayguard: cannot write trace %s: %s (records are being lost)", self.writer.path, e)
 
 
 def read_records(lines: Iterable[str]) -> tuple[list[dict[str, Any]], list[int]]:
