@@ -43,6 +43,9 @@ def is_delta(message: str) -> bool:
     return m is not None and m.group(1).endswith(".delta")
 
 
+# Faults carried out on an open upstream connection (the others are armed in the FaultInjector).
+CONNECTION_FAULTS = frozenset({FaultKind.CLOSE, FaultKind.DROP, FaultKind.BLACKHOLE})
+
 # (flow id, kind, text): kind is "recovered", "failed" or "info"
 Notify = Callable[[str, str, str], None]
 
@@ -75,8 +78,15 @@ class Session:
         """Open the first upstream connection (raises HandshakeFailed)."""
         if self.trace:
             self.trace("session.start", schema=tr.SCHEMA, url=tr.redact_url(self.target.url), client=client)
+        fired = self.faults.turn_completed(0) if self.faults is not None else []
+        for fault in fired:
+            if fault.rule.kind not in CONNECTION_FAULTS:
+                self._inject(fault, None)
         try:
             self.upstream = await self._open_upstream("open")
+            for fault in fired:
+                if fault.rule.kind in CONNECTION_FAULTS:
+                    self._inject(fault, self.upstream)
         except HandshakeFailed as e:
             if self.trace:
                 self.trace("session.end", turns_completed=0, turns_failed=0, recoveries=0,
@@ -490,14 +500,16 @@ class Session:
                 self._declare_dead(conn, Trigger.PING_TIMEOUT, f"keepalive: no pong within {cfg.ping_timeout:g}s")
 
     # -- faults and trace -------------------------------------------------------------------------
-    def _inject(self, fired: Fired, conn: Upstream) -> None:
-        """Carry out a fault that fired after a completed turn (the rest are armed in the injector)."""
+    def _inject(self, fired: Fired, conn: Upstream | None) -> None:
+        """Carry out a fault that fired after a completed turn (the others are armed in the injector)."""
         rule = fired.rule
         log.warning("flow %s: injected fault after turn %d: %s", self.flow_id, fired.after_turn, rule.describe())
         self.notify(self.flow_id, "info", f"injected fault after turn {fired.after_turn}: {rule.describe()}")
         if self.trace:
-            self.trace("fault", kind=rule.kind, detail=rule.describe(), turn=fired.after_turn, conn=conn.id,
-                       rule_line=rule.line, injected=True)
+            self.trace("fault", kind=rule.kind, detail=rule.describe(), turn=fired.after_turn,
+                       conn=conn.id if conn is not None else None, rule_line=rule.line, injected=True)
+        if conn is None:
+            return
         if rule.kind is FaultKind.CLOSE:
             self._spawn(self._close_ws(conn, rule.code, "replayguard fault injection"))
         elif rule.kind is FaultKind.DROP:

@@ -97,14 +97,14 @@ class FaultInjector:
         self.delay: float = 0.0  # holds the first frame of the next turn
 
     def turn_completed(self, completed: int) -> list[Fired]:
-        """The session completed its ``completed``-th turn: which faults fire now."""
+        """The session completed its ``completed``-th turn (0: the session starts): which faults fire now."""
         out = []
         for index, rule in enumerate(self.rules):
             fired = self.fired.get(index, 0)
             if rule.limit is not None and fired >= rule.limit:
                 continue
             if rule.probability is not None:
-                if rule.after_turn is not None and completed < rule.after_turn:
+                if completed < (rule.after_turn if rule.after_turn is not None else 1):
                     continue
                 if rule.rng.random() >= rule.probability:
                     continue

@@ -19,6 +19,8 @@ sys.path.insert(1, str(ROOT))
 from replayguard.fake_upstream import FakeUpstream  # noqa: E402
 from replayguard.harness import Mitmdump  # noqa: E402
 
+SECRET_MARK = "SECRET"  # every credential the tests send contains it
+
 TERMINAL = {"response.completed", "response.failed", "response.incomplete", "error"}
 
 # Test rules: the shipped defaults with timers short enough for tests.
@@ -110,13 +112,18 @@ def mitm(tmp_path: Path) -> Iterator[Callable[..., Mitmdump]]:
               args: list[str] | None = None, **sections: dict[str, Any]) -> Mitmdump:
         merged = json.loads(json.dumps(BASE_RULES)) if rules is None else rules
         for name, values in sections.items():
-            merged.setdefault(name, {}).update(values)
+            if isinstance(values, list):
+                merged[name] = values
+            else:
+                merged.setdefault(name, {}).update(values)
         extra = list(args or [])
         if mode == "reverse":
             assert fake is not None
             extra += ["--mode", f"reverse:http://127.0.0.1:{fake.port}"]
         work = tmp_path / f"mitm{len(started)}"
         work.mkdir()
+        if not any("replayguard_trace=" in a for a in extra):
+            extra += ["--set", f"replayguard_trace={work / 'trace.jsonl'}"]  # every scenario is traced
         proc = Mitmdump(work, extra, merged)
         started.append(proc)
         return proc.start()
@@ -124,3 +131,9 @@ def mitm(tmp_path: Path) -> Iterator[Callable[..., Mitmdump]]:
     yield start
     for proc in started:
         proc.stop()
+    # Secrets: every test credential contains SECRET; none may reach a log line or a trace record.
+    for proc in started:
+        assert SECRET_MARK not in proc.log, f"a secret reached the mitmdump log:\n{proc.log}"
+    for trace in tmp_path.rglob("*.jsonl"):
+        text = trace.read_text(errors="replace")
+        assert SECRET_MARK not in text, f"a secret reached the trace {trace}"

@@ -162,7 +162,7 @@ MISTAKES = [
     ("yaml-control-character", "match:\n  - path: /x\n  - host: \"a\x07\"\n", 3, r"invalid YAML: unacceptable character #x0007"),
     ("top-level-not-mapping", "- path: /v1/responses\n", 1, r"the top level must be a mapping"),
     ("unknown-section", MATCH + "\nretry:\n  max: 1\n", 4,
-     r"unknown section 'retry'; expected one of match, upstream, recovery, limits$"),
+     r"unknown section 'retry'; expected one of match, upstream, recovery, limits, trace, faults$"),
     ("non-scalar-top-key", MATCH + "? [a]\n: 1\n", 3, r"the top level: keys must be plain names"),
     ("missing-match", "upstream:\n  ping_idle: 1\n", 1, r"missing 'match'"),
     ("section-not-mapping", MATCH + "upstream: 5\n", 3, r"section 'upstream' must be a mapping"),
