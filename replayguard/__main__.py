@@ -22,6 +22,8 @@ def _refusal(text: str) -> tuple[int, int]:
 def fake_upstream(args: argparse.Namespace) -> int:
     fake = FakeUpstream(host=args.host, port=args.port)
     fake.close_after_responses = args.close_after_responses
+    fake.drop_after_responses = args.drop_after_responses
+    fake.blackhole_after_responses = args.blackhole_after_responses
     fake.response_delay = args.response_delay
     if args.refuse:
         fake.refuse_next(*args.refuse)
@@ -53,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
     p.add_argument("--close-after-responses", type=int, default=None, metavar="N",
                    help="close each connection with 1011 after its Nth response")
+    p.add_argument("--drop-after-responses", type=int, default=None, metavar="N",
+                   help="cut each connection's TCP (no close frame) after its Nth response")
+    p.add_argument("--blackhole-after-responses", type=int, default=None, metavar="N",
+                   help="each connection stops answering anything, pings included, after its Nth response")
     p.add_argument("--refuse", type=_refusal, default=None, metavar="COUNT[:STATUS]",
                    help="refuse the first COUNT handshakes with HTTP STATUS (default 503)")
     p.add_argument("--response-delay", type=float, default=0.0, metavar="SECONDS")

@@ -107,6 +107,8 @@ class FakeUpstream:
         self.received: list[tuple[int, dict[str, Any]]] = []
         self.sent: list[tuple[int, dict[str, Any]]] = []
         self.close_after_responses: int | None = None
+        self.drop_after_responses: int | None = None  # cut each connection's TCP after its Nth response
+        self.blackhole_after_responses: int | None = None  # each connection goes silent after its Nth response
         self.silent_next_requests = 0
         self.turn_state_prefix = "ts"
         self.response_delay = 0.0
@@ -311,6 +313,10 @@ class FakeUpstream:
                     return
             if self.close_after_responses and conn.responses >= self.close_after_responses:
                 await conn.ws.close(1011, "keepalive ping timeout")
+            elif self.drop_after_responses and conn.responses >= self.drop_after_responses:
+                conn.ws.transport.abort()  # TCP cut: no close frame
+            elif self.blackhole_after_responses and conn.responses >= self.blackhole_after_responses:
+                conn.ws.transport.pause_reading()  # silent: no pongs, no answers
         elif kind in ("response.processed",):
             return
         else:

@@ -468,23 +468,33 @@ def test_client_leaving_mid_response_stops_the_upstream(fake, mitm):
     proxy.wait_log(r"client left mid-turn; upstream response stopped")
 
 
-def test_fake_upstream_command_serves_a_chain_through_mitmdump(mitm):
-    """`python -m replayguard fake-upstream` is the same fake, runnable offline by users."""
+@pytest.mark.parametrize("flag,lost", [
+    ("--close-after-responses", r"lost while idle \(upstream closed"),
+    ("--drop-after-responses", r"lost while idle \(upstream connection dropped"),
+    ("--blackhole-after-responses", None),  # found by the preflight ping of the next turn
+])
+def test_fake_upstream_command_serves_a_chain_through_mitmdump(mitm, flag, lost):
+    """`python -m replayguard fake-upstream` is the same fake, runnable offline by users, with its faults."""
     import re
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "replayguard", "fake-upstream", "--port", "0",
-                             "--close-after-responses", "1"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "replayguard", "fake-upstream", "--port", "0", flag, "1"],
+                            stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         port = int(re.search(r"ws://127\.0\.0\.1:(\d+)", line).group(1))
-        proxy = mitm(args=["--mode", f"reverse:http://127.0.0.1:{port}"], mode="custom")
+        proxy = mitm(args=["--mode", f"reverse:http://127.0.0.1:{port}"], mode="custom",
+                     upstream={"ping_idle": 0, "ping_timeout": 0.5})
         client = Client(proxy.url + "/v1/responses")
         r1, call = tool_turns(client)
-        proxy.wait_log(r"lost while idle")  # --close-after-responses 1
+        if lost:
+            proxy.wait_log(lost)
         r2 = completed(client.turn({"model": "m", "store": False, "previous_response_id": r1["id"],
                                     "input": [output_for(call)]}))
         assert r2["output"][0]["content"][0]["text"] == "tool said: file.txt"
+        proxy.wait_log(r"turn 2: .* -> replay")
+        if lost is None:
+            proxy.wait_log(r"turn 2: no pong within ping timeout")
         client.close()
     finally:
         proc.terminate()
