@@ -1,5 +1,6 @@
-"""Command line: `python -m replayguard fake-upstream --port P` (the faithful fake upstream, offline) and
-`python -m replayguard bench [--quick]` (replayguard against plain mitmdump)."""
+"""Command line: `python -m replayguard fake-upstream --port P` (the faithful fake upstream, offline),
+`python -m replayguard client URL` (a scripted tool-call chain) and `python -m replayguard bench [--quick]`
+(replayguard against plain mitmdump)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,19 @@ def fake_upstream(args: argparse.Namespace) -> int:
     return 0
 
 
+def client(args: argparse.Namespace) -> int:
+    from .client import run
+
+    headers = dict(h.split(":", 1) for h in args.header)
+    return run(args.url, args.turns, {k.strip(): v.strip() for k, v in headers.items()}, store=args.store)
+
+
+def _header(text: str) -> str:
+    if ":" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME:VALUE, got {text!r}")
+    return text
+
+
 def bench(args: argparse.Namespace) -> int:
     from .bench import run
 
@@ -63,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="refuse the first COUNT handshakes with HTTP STATUS (default 503)")
     p.add_argument("--response-delay", type=float, default=0.0, metavar="SECONDS")
     p.set_defaults(run=fake_upstream)
+    c = commands.add_parser("client", help="drive a tool-call chain over a Responses WebSocket (for the recipe)")
+    c.add_argument("url", help="e.g. ws://127.0.0.1:8000/v1/responses")
+    c.add_argument("--turns", type=int, default=6)
+    c.add_argument("--header", type=_header, action="append", default=[], metavar="NAME:VALUE")
+    c.add_argument("--store", action="store_true", help="store=true (default: store=false, like Codex)")
+    c.set_defaults(run=client)
     b = commands.add_parser("bench", help="benchmark replayguard against plain mitmdump (offline)")
     b.add_argument("--quick", action="store_true", help="a smaller run (under a minute), for CI smoke tests")
     b.set_defaults(run=bench)

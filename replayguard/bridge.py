@@ -96,6 +96,7 @@ class Session:
     async def _open_upstream(self, purpose: str) -> Upstream:
         """A new upstream connection (raises HandshakeFailed); traced, and refused on purpose by a fault rule."""
         started = time.monotonic()
+        sent = tr.redact_headers(self.target.request_headers()) if self.trace else None
         refusal = self.faults.take_refusal() if self.faults is not None else None
         try:
             if refusal is not None:
@@ -107,12 +108,12 @@ class Session:
         except HandshakeFailed as e:
             if self.trace:
                 self.trace("handshake", conn=None, url=tr.redact_url(self.target.url), purpose=purpose, ok=False,
-                           status=e.status, ms=_ms(started), headers=tr.redact_headers(self.target.request_headers()),
-                           error=e.detail, injected=refusal is not None)
+                           status=e.status, ms=_ms(started), headers=sent, error=e.detail,
+                           injected=refusal is not None)
             raise
         if self.trace:
             self.trace("handshake", conn=conn.id, url=tr.redact_url(self.target.url), purpose=purpose, ok=True,
-                       status=101, ms=_ms(started), headers=tr.redact_headers(self.target.request_headers()),
+                       status=101, ms=_ms(started), headers=sent,
                        response_headers=tr.redact_headers(conn.response_headers()))
         return conn
 

@@ -73,6 +73,7 @@ def test_healthy_tool_chain_trace(fake, mitm, tmp_path):
     assert hs["headers"]["x-api-key"].startswith("[redacted sha256:")
     assert hs["headers"]["openai-beta"] == "responses_websockets=2026-02-06"
     assert hs["response_headers"]["x-codex-turn-state"] == "ts-1"
+    assert "x-codex-turn-state" not in hs["headers"]  # what was sent, not what was learned
     t1, e1, t2, e2 = recs[2:6]
     assert t1["turn"] == 1 and t1["model"] == "m" and t1["store"] is False and t1["previous_response_id"] is None
     assert t1["input"] == [{"type": "message", "role": "user", "text": "please run TOOL ls"}]
