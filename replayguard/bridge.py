@@ -507,7 +507,7 @@ class Session:
         log.warning("flow %s: injected fault after turn %d: %s", self.flow_id, fired.after_turn, rule.describe())
         self.notify(self.flow_id, "info", f"injected fault after turn {fired.after_turn}: {rule.describe()}")
         if self.trace:
-            self.trace("fault", kind=rule.kind, detail=rule.describe(), turn=fired.after_turn,
+            self.trace("fault", phase="fired", kind=rule.kind, detail=rule.describe(), turn=fired.after_turn,
                        conn=conn.id if conn is not None else None, rule_line=rule.line, injected=True)
         if conn is None:
             return
@@ -523,8 +523,8 @@ class Session:
     def _fault_applied(self, kind: str, detail: str, conn: Upstream) -> None:
         log.warning("flow %s: injected fault: %s", self.flow_id, detail)
         if self.trace:
-            self.trace("fault", kind=kind, detail=detail, turn=self.chain.turn.number if self.chain.turn else None,
-                       conn=conn.id, injected=True)
+            self.trace("fault", phase="applied", kind=kind, detail=detail,
+                       turn=self.chain.turn.number if self.chain.turn else None, conn=conn.id, injected=True)
 
     def _trace_end(self, turn: Turn, event: dict[str, Any] | None, reason: str | None,
                    conn: Upstream | None = None) -> None:

@@ -13,7 +13,9 @@ Records (``event`` field; every record also has ``ts`` (Unix seconds) and ``sess
 - ``recovery``       turn, trigger, action, from_conn, to_conn, removed_previous_response_id, items, bytes,
                      input (summaries of the input sent)
 - ``fail_close``     turn, reason, error (the event sent to the client), close_code, close_reason
-- ``fault``          kind, detail, turn, conn, injected (always true)
+- ``fault``          phase, kind, detail, turn, conn, injected (always true). phase ``fired``: the rule fired after
+                     completed turn ``turn`` (rule_line names it in rules.yaml); phase ``applied``: an armed fault
+                     (error, delay) hit turn ``turn``
 - ``session.end``    turns_completed, turns_failed, recoveries, reason
 
 An item summary is ``{"type", "role"?, "call_id"?, "name"?, "text"?}``: the structure a chain is debugged by,
