@@ -13,6 +13,8 @@ from typing import Iterable
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
+from .trace import redact_url, scrub
+
 log = logging.getLogger(__name__)
 
 TURN_STATE = "x-codex-turn-state"
@@ -154,6 +156,7 @@ async def open_upstream(target: Target) -> Upstream:
         ) from None
     except (InvalidHandshake, OSError, asyncio.TimeoutError, EOFError) as e:
         detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        detail = scrub(detail.replace(target.url, redact_url(target.url)))  # the URL may carry a key
         raise HandshakeFailed(f"cannot connect to upstream: {detail}") from None
     upstream = Upstream(ws)
     state = ws.response.headers.get(TURN_STATE) if ws.response is not None else None

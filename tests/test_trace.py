@@ -216,3 +216,21 @@ def test_redaction_helpers():
     assert scrub("key sk-proj-AbCdEfGh12345 and Bearer zzzzzzzzzz9") == "key [redacted] and Bearer [redacted]"
     assert secret_values([("Authorization", "Bearer abcdef")])[0] == "Bearer abcdef"
     assert json.loads(json.dumps(h))  # plain JSON
+
+
+def test_key_in_the_url_never_reaches_trace_or_log(fake, mitm, tmp_path):
+    proxy, path = traced(mitm, fake, tmp_path)
+    client = Client(proxy.url + "/v1/responses?api-version=1&api-key=qk_SECRET_4242", headers=AUTH)
+    r1 = completed(client.turn({"model": "m", "store": False, "input": [user("hi")]}))
+    fake.close_all()
+    proxy.wait_log(r"lost while idle")
+    fake.refuse_next(1, 503)
+    client.send({"type": "response.create", "model": "m", "store": False, "previous_response_id": r1["id"],
+                 "input": [user("again")]})
+    events, code, _ = client.until_closed()
+    assert code == 1011 and "HTTP 503" in events[-1]["error"]["message"]
+    assert fake.handshakes[0]["path"].endswith("api-key=qk_SECRET_4242")  # the upstream still gets it
+    recs = records(path, until="session.end")
+    assert of(recs, "session.start")[0]["url"].endswith("/v1/responses?api-version=1&api-key=[redacted]")
+    assert "qk_SECRET_4242" not in json.dumps(events)
+    assert_no_secret(path, proxy)  # and conftest checks every log line and trace for SECRET
