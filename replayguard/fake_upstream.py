@@ -107,6 +107,7 @@ class FakeUpstream:
         self.received: list[tuple[int, dict[str, Any]]] = []
         self.sent: list[tuple[int, dict[str, Any]]] = []
         self.close_after_responses: int | None = None
+        self.mute = False  # new connections complete the handshake and then never speak
         self.drop_after_responses: int | None = None  # cut each connection's TCP after its Nth response
         self.blackhole_after_responses: int | None = None  # each connection goes silent after its Nth response
         self.silent_next_requests = 0
@@ -267,6 +268,8 @@ class FakeUpstream:
     async def _handler(self, ws: ServerConnection) -> None:
         conn = _Conn(ws.fake_id, ws)  # type: ignore[attr-defined]
         self._conns[conn.id] = conn
+        if self.mute:
+            ws.transport.pause_reading()  # 101, then nothing: no events, no pongs
         try:
             async for message in ws:
                 await self._on_message(conn, message)
