@@ -54,6 +54,12 @@ def _header(text: str) -> str:
     return text
 
 
+def trace(args: argparse.Namespace) -> int:
+    from .viewer import main as view
+
+    return view(args.file, as_json=args.json, session=args.session, check=args.check)
+
+
 def bench(args: argparse.Namespace) -> int:
     from .bench import run
 
@@ -83,6 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--header", type=_header, action="append", default=[], metavar="NAME:VALUE")
     c.add_argument("--store", action="store_true", help="store=true (default: store=false, like Codex)")
     c.set_defaults(run=client)
+    t = commands.add_parser(
+        "trace", help="show a chain trace or a mitmproxy flow file as per-session timelines, with a diagnosis",
+        description="Reads a replayguard trace (--set replayguard_trace=FILE) or a mitmproxy flow file "
+                    "(mitmdump -w FILE). Exit status: 0, or 1 when the file cannot be read, or 2 with --check "
+                    "when a chain problem was found.")
+    t.add_argument("file")
+    t.add_argument("--json", action="store_true", help="the sessions, turns, calls and problems as JSON")
+    t.add_argument("--session", metavar="ID", help="only the session whose id starts with ID")
+    t.add_argument("--check", action="store_true", help="exit 2 when a problem (orphaned call_id, ...) is found")
+    t.set_defaults(run=trace)
     b = commands.add_parser("bench", help="benchmark replayguard against plain mitmdump (offline)")
     b.add_argument("--quick", action="store_true", help="a smaller run (under a minute), for CI smoke tests")
     b.set_defaults(run=bench)

@@ -1,0 +1,410 @@
+"""`python -m replayguard trace FILE`: a chain trace (or a mitmproxy flow file) as a timeline a person reads at a
+glance, and the diagnosis of where a chain broke.
+
+The model (:func:`build_sessions`) is pure: it takes trace records (from the live trace, or rebuilt from a flow
+file's WebSocket messages by :func:`records_from_flows`) and rebuilds each turn's context as the upstream sees
+it, to find the call_id a "No tool call found ..." or "No tool output found ..." error is about.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, TextIO
+
+from .pairing import CALL_TYPES, OUTPUT_CALLS
+from .trace import Bodies, error_fields, read_records, redact_url, summarize_item, turn_start_fields
+
+Summary = dict[str, Any]
+TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
+
+
+# -- reading ---------------------------------------------------------------------------------------
+class ReadError(Exception):
+    """The file is neither a readable trace nor a mitmproxy flow file."""
+
+
+def load(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Records from a trace (JSON Lines) or a flow file, and warnings about what was skipped."""
+    p = Path(path)
+    try:
+        head = p.open("rb").read(64)
+    except OSError as e:
+        raise ReadError(f"cannot read {p}: {e.strerror or e}") from None
+    if head.lstrip()[:1] in (b"{", b""):
+        text = p.read_text(encoding="utf-8", errors="replace")
+        records, bad = read_records(text.splitlines())
+        warnings = [f"{p}: skipped line {n}: not a whole trace record" for n in bad]
+        return records, warnings
+    return records_from_flows(p), []
+
+
+def records_from_flows(path: str | Path) -> list[dict[str, Any]]:
+    """Trace records for what each recorded WebSocket client saw (`mitmdump -w FILE`)."""
+    from mitmproxy import exceptions, io  # only the flow reader needs mitmproxy
+
+    records: list[dict[str, Any]] = []
+    try:
+        with open(path, "rb") as f:
+            for flow in io.FlowReader(f).stream():
+                if getattr(flow, "websocket", None) is not None:
+                    records.extend(_flow_records(flow))
+    except exceptions.FlowReadException as e:
+        raise ReadError(f"{path}: neither a replayguard trace nor a mitmproxy flow file ({e})") from None
+    return records
+
+
+def _flow_records(flow: Any) -> list[dict[str, Any]]:
+    session = flow.id
+    url = flow.metadata.get("replayguard_upstream") or flow.request.pretty_url.replace("http", "ws", 1)
+    out: list[dict[str, Any]] = [{"ts": flow.timestamp_created, "session": session, "event": "session.start",
+                                  "url": redact_url(url), "source": "flow"}]
+    number = 0
+    turn: dict[str, Any] | None = None
+    completed = failed = 0
+    for message in flow.websocket.messages:
+        try:
+            obj = json.loads(message.content)
+        except ValueError:
+            continue
+        if not isinstance(obj, dict):
+            continue
+        kind = obj.get("type")
+        if message.from_client:
+            if kind != "response.create":
+                continue
+            number += 1
+            turn = {"turn": number, "t0": message.timestamp, "outputs": [], "response_id": None,
+                    "previous_response_id": obj.get("previous_response_id")}
+            out.append({"ts": message.timestamp, "session": session, "event": "turn.start", "turn": number,
+                        "conn": None, **turn_start_fields(obj, len(message.content), Bodies.SUMMARY)})
+            continue
+        if turn is None:
+            continue
+        if kind == "response.created" and isinstance(obj.get("response"), dict):
+            turn["response_id"] = obj["response"].get("id")
+        elif kind == "response.output_item.done" and isinstance(obj.get("item"), dict):
+            turn["outputs"].append(obj["item"])
+        elif kind in TERMINAL:
+            response = obj.get("response") if isinstance(obj.get("response"), dict) else {}
+            outputs = turn["outputs"] or [i for i in response.get("output") or [] if isinstance(i, dict)]
+            status = "completed" if kind == "response.completed" else kind
+            record = {"ts": message.timestamp, "session": session, "event": "turn.end", "turn": turn["turn"],
+                      "conn": None, "status": status, "response_id": response.get("id") or turn["response_id"],
+                      "previous_response_id": turn["previous_response_id"],
+                      "output": [summarize_item(i, Bodies.SUMMARY) for i in outputs],
+                      "ms": round((message.timestamp - turn["t0"]) * 1000, 1)}
+            if isinstance(response.get("usage"), dict):
+                record["usage"] = response["usage"]
+            if kind == "error":
+                record["error"] = error_fields(obj)
+            out.append(record)
+            completed += status == "completed"
+            failed += status != "completed"
+            turn = None
+    ws = flow.websocket
+    out.append({"ts": ws.timestamp_end or (flow.websocket.messages[-1].timestamp if ws.messages else 0),
+                "session": session, "event": "session.end", "turns_completed": completed, "turns_failed": failed,
+                "close_code": ws.close_code, "reason": f"closed by {'client' if ws.closed_by_client else 'server'}"
+                if ws.close_code is not None else "open"})
+    return out
+
+
+# -- the model ------------------------------------------------------------------------------------
+@dataclass
+class TurnView:
+    number: int
+    previous_response_id: str | None = None
+    input: list[Summary] = field(default_factory=list)
+    output: list[Summary] = field(default_factory=list)
+    response_id: str | None = None
+    status: str = "in flight"
+    ms: float | None = None
+    model: str | None = None
+    store: bool = True
+    chains_on: str | None = None  # "turn 2", or "session X turn 2", or None
+    error: dict[str, Any] | None = None
+    replayed_input: list[Summary] | None = None  # what a recovery really sent
+    ts: float = 0.0  # when the client sent it
+
+
+@dataclass
+class CallView:
+    call_id: str
+    call: str | None = None  # "turn 1 output"
+    answer: str | None = None  # "turn 2 input"
+    state: str = "no output yet"
+
+
+@dataclass
+class SessionView:
+    id: str
+    url: str = ""
+    source: str = "trace"
+    turns: list[TurnView] = field(default_factory=list)
+    timeline: list[tuple[float, str]] = field(default_factory=list)  # (ts, line) for losses, recoveries, ...
+    calls: dict[str, CallView] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    recoveries: int = 0
+    failed_closed: bool = False
+    end: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["timeline"] = [{"ts": ts, "line": line} for ts, line in self.timeline]
+        data["calls"] = list(data["calls"].values())
+        return data
+
+
+def build_sessions(records: Iterable[dict[str, Any]]) -> list[SessionView]:
+    sessions: dict[str, SessionView] = {}
+    order: list[tuple[float, str, dict[str, Any]]] = []
+    for record in records:
+        sid = str(record.get("session"))
+        view = sessions.setdefault(sid, SessionView(sid))
+        _apply(view, record)
+        order.append((record.get("ts") or 0.0, sid, record))
+    by_response: dict[str, tuple[SessionView, TurnView]] = {}
+    for view in sessions.values():
+        for turn in view.turns:
+            if turn.response_id:
+                by_response[turn.response_id] = (view, turn)
+    for view in sessions.values():
+        _diagnose(view, by_response)
+    return list(sessions.values())
+
+
+def _turn(view: SessionView, number: Any) -> TurnView | None:
+    for turn in reversed(view.turns):
+        if turn.number == number:
+            return turn
+    return None
+
+
+def _kinds(items: list[Summary]) -> str:
+    return ", ".join(f"{i.get('type')}({i['call_id']})" if "call_id" in i else str(i.get("type")) for i in items) or "-"
+
+
+def _apply(view: SessionView, r: dict[str, Any]) -> None:
+    event, ts = r["event"], r.get("ts") or 0.0
+    if event == "session.start":
+        view.url = r.get("url", "")
+        view.source = r.get("source", "trace")
+    elif event == "turn.start":
+        view.turns.append(TurnView(number=r.get("turn", len(view.turns) + 1), ts=ts,
+                                   previous_response_id=r.get("previous_response_id"),
+                                   input=list(r.get("input") or []), model=r.get("model"),
+                                   store=r.get("store", True) is not False))
+    elif event == "turn.end":
+        turn = _turn(view, r.get("turn"))
+        if turn is None:
+            return
+        turn.status = r.get("status", "?")
+        turn.response_id = r.get("response_id")
+        turn.output = list(r.get("output") or [])
+        turn.ms = r.get("ms")
+        turn.error = r.get("error")
+        if turn.status == "aborted":
+            view.timeline.append((ts, f"turn {turn.number} aborted: {r.get('reason', '')}"))
+    elif event == "handshake":
+        if r.get("purpose") != "open" or not r.get("ok"):
+            what = f"upstream #{r['conn']} opened" if r.get("ok") else f"handshake refused: HTTP {r.get('status')}"
+            why = f" ({r.get('purpose')}{', injected' if r.get('injected') else ''})"
+            view.timeline.append((ts, f"{'+' if r.get('ok') else '!'} {what}{why}"))
+    elif event == "upstream.lost":
+        where = f"during turn {r['turn']}" if r.get("turn") is not None else "while idle"
+        detail = r.get("detail")
+        if isinstance(detail, dict):
+            detail = detail.get("code") or detail.get("message")
+        view.timeline.append((ts, f"! upstream #{r.get('conn')} lost {where}: {r.get('how')} ({detail})"))
+    elif event == "recovery":
+        view.recoveries += 1
+        turn = _turn(view, r.get("turn"))
+        removed = r.get("removed_previous_response_id")
+        what = f"{r.get('items')} items" + (f", previous_response_id {removed} removed" if removed else "")
+        action = str(r.get("action", ""))
+        verb = "replayed" if action.startswith("replay") else "resent"
+        view.timeline.append((ts, f"↻ turn {r.get('turn')} {verb} on upstream #{r.get('to_conn')} "
+                                  f"after {r.get('trigger')} ({what})"))
+        if turn is not None and r.get("input") is not None:
+            turn.replayed_input = list(r["input"])
+    elif event == "fail_close":
+        view.failed_closed = True
+        error = (r.get("error") or {}).get("error") or {}
+        code = error.get("code") or "no error event"
+        view.timeline.append((ts, f"✗ turn {r.get('turn')} failed closed ({code}, close {r.get('close_code')}): "
+                                  f"{r.get('reason')}"))
+    elif event == "fault":
+        view.timeline.append((ts, f"⚡ injected fault ({r.get('phase', 'fired')}"
+                                  f"{' after turn ' + str(r['turn']) if r.get('phase', 'fired') == 'fired' else ''}): "
+                                  f"{r.get('detail')}"))
+    elif event == "session.end":
+        view.end = r.get("reason")
+
+
+def _context(view: SessionView, turn: TurnView, by_response: dict[str, tuple[SessionView, TurnView]],
+             depth: int = 0) -> list[Summary] | None:
+    """The input the upstream sees for ``turn`` (None when the chain it names is not in the file)."""
+    if turn.previous_response_id is None:
+        return list(turn.input)
+    found = by_response.get(turn.previous_response_id)
+    if found is None or depth > 10_000:
+        return None
+    pview, parent = found
+    base = _context(pview, parent, by_response, depth + 1)
+    if base is None:
+        return None
+    return base + parent.output + turn.input
+
+
+def _orphans(items: list[Summary]) -> list[tuple[int, Summary]]:
+    seen: set[str] = set()
+    out = []
+    for index, item in enumerate(items):
+        kind = item.get("type")
+        if kind in CALL_TYPES and isinstance(item.get("call_id") or item.get("id"), str):
+            seen.add(item.get("call_id") or item.get("id"))
+        elif kind in OUTPUT_CALLS and item.get("call_id") not in seen:
+            out.append((index, item))
+    return out
+
+
+def _diagnose(view: SessionView, by_response: dict[str, tuple[SessionView, TurnView]]) -> None:
+    where_called: dict[str, str] = {}
+    for turn in view.turns:
+        for item in turn.output:
+            if item.get("type") in CALL_TYPES and item.get("call_id"):
+                where_called.setdefault(item["call_id"], f"turn {turn.number} output")
+                view.calls.setdefault(item["call_id"], CallView(item["call_id"], call=f"turn {turn.number} output"))
+        for item in turn.input:
+            if item.get("type") in CALL_TYPES and item.get("call_id"):
+                where_called.setdefault(item["call_id"], f"turn {turn.number} input")
+    for turn in view.turns:
+        if turn.previous_response_id is not None:
+            found = by_response.get(turn.previous_response_id)
+            if found is None:
+                view.problems.append(
+                    f"turn {turn.number}: previous_response_id {turn.previous_response_id} names no response in "
+                    f"this file: the chain is broken here (without store=true the upstream answers "
+                    f"previous_response_not_found)")
+            else:
+                pview, parent = found
+                turn.chains_on = f"turn {parent.number}" if pview is view else f"session {pview.id} turn {parent.number}"
+                answered = {i.get("call_id") for i in turn.input if i.get("type") in OUTPUT_CALLS}
+                for item in parent.output:
+                    if item.get("type") in CALL_TYPES and item.get("call_id") not in answered:
+                        view.problems.append(
+                            f"turn {turn.number}: continues {turn.chains_on} whose {item.get('type')} "
+                            f"{item.get('call_id')} has no output in this request (the upstream answers: No tool "
+                            f"output found for function call {item.get('call_id')}.)")
+        for item in turn.input:
+            if item.get("type") in OUTPUT_CALLS and item.get("call_id"):
+                call = view.calls.setdefault(item["call_id"], CallView(item["call_id"],
+                                                                       call=where_called.get(item["call_id"])))
+                call.answer = f"turn {turn.number} input"
+                call.state = "paired"
+        contexts = [("request", _context(view, turn, by_response))]
+        if turn.replayed_input is not None:
+            contexts.append(("replay", turn.replayed_input))
+        for label, context in contexts:
+            if context is None:
+                continue
+            for _, item in _orphans(context):
+                call_id = item.get("call_id")
+                if label == "request" and not any(o.get("call_id") == call_id for o in turn.input):
+                    continue  # an orphan from an earlier turn is reported there
+                elsewhere = where_called.get(call_id)
+                hint = (f"; its call is in {elsewhere}, which this request does not chain on" if elsewhere
+                        else "; no call with this call_id anywhere in the session")
+                subject = "the replay replayguard sent" if label == "replay" else "the request"
+                view.problems.append(
+                    f"turn {turn.number}: {item.get('type')} call_id {call_id} has no call before it in {subject} "
+                    f"(the upstream answers: No tool call found for function call output with call_id {call_id}.)"
+                    f"{hint}")
+                if call_id in view.calls:
+                    view.calls[call_id].state = "ORPHANED"
+
+
+# -- output ---------------------------------------------------------------------------------------
+class _Style:
+    def __init__(self, color: bool) -> None:
+        self.color = color
+
+    def __call__(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.color else text
+
+
+def render(sessions: list[SessionView], out: TextIO, color: bool = False) -> None:
+    s = _Style(color)
+    for view in sessions:
+        done = sum(t.status == "completed" for t in view.turns)
+        out.write(s(f"session {view.id}", "1") + f"  {view.url}  [{view.source}]\n")
+        out.write(f"  {len(view.turns)} turns ({done} completed), {view.recoveries} recoveries"
+                  f"{', failed closed' if view.failed_closed else ''}\n")
+        for line in _interleave(view, s):
+            out.write(line + "\n")
+        if view.calls:
+            out.write("  calls:\n")
+            for call in view.calls.values():
+                state = s(call.state, "31") if call.state == "ORPHANED" else call.state
+                out.write(f"    {call.call_id}: called in {call.call or '?'}, answered in {call.answer or '-'}"
+                          f"  [{state}]\n")
+        if view.problems:
+            out.write(s("  problems:", "31;1") + "\n")
+            for problem in view.problems:
+                out.write(f"    ✗ {problem}\n")
+        if view.end:
+            out.write(f"  end: {view.end}\n")
+        out.write("\n")
+
+
+def _interleave(view: SessionView, s: _Style) -> list[str]:
+    """Turns in order, each followed by what happened before the next turn was sent."""
+    timeline = sorted(view.timeline, key=lambda e: e[0])
+    lines: list[str] = []
+    index = 0
+    while index < len(timeline) and view.turns and timeline[index][0] < view.turns[0].ts:
+        lines.append("  " + timeline[index][1])
+        index += 1
+    for position, turn in enumerate(view.turns):
+        chain = f" <- {turn.chains_on}" if turn.chains_on else (
+            f" <- {turn.previous_response_id} (unknown)" if turn.previous_response_id else "")
+        status = turn.status if turn.status == "completed" else s(turn.status, "31")
+        ms = f"{turn.ms:.0f} ms" if isinstance(turn.ms, (int, float)) else "-"
+        error = ""
+        if turn.error:
+            error = f"  error {turn.error.get('status')} {turn.error.get('code')}: {turn.error.get('message')}"
+        lines.append(f"  turn {turn.number:<3} {turn.response_id or '-'}{chain}  {status}  {ms}  "
+                     f"in: {_kinds(turn.input)}  out: {_kinds(turn.output)}{error}")
+        limit = view.turns[position + 1].ts if position + 1 < len(view.turns) else None
+        while index < len(timeline) and (limit is None or timeline[index][0] < limit):
+            lines.append("    " + timeline[index][1])
+            index += 1
+    while index < len(timeline):
+        lines.append("    " + timeline[index][1])
+        index += 1
+    return lines
+
+
+def main(path: str, as_json: bool = False, session: str | None = None, check: bool = False,
+         out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    try:
+        records, warnings = load(path)
+    except ReadError as e:
+        err.write(f"replayguard trace: {e}\n")
+        return 1
+    for warning in warnings:
+        err.write(f"replayguard trace: warning: {warning}\n")
+    sessions = build_sessions(records)
+    if session is not None:
+        sessions = [v for v in sessions if v.id.startswith(session)]
+    if as_json:
+        json.dump({"sessions": [v.to_json() for v in sessions]}, out, indent=2, ensure_ascii=False)
+        out.write("\n")
+    else:
+        if not sessions:
+            out.write("no sessions in this file\n")
+        render(sessions, out, color=out.isatty())
+    return 2 if check and any(v.problems for v in sessions) else 0
