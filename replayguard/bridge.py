@@ -72,6 +72,7 @@ class Session:
         self._event_seen = False  # an upstream event arrived since the turn was sent
         self._turn_t0 = 0.0  # when the turn in flight was sent by the client
         self._failed_closed: Decision | None = None
+        self._turn_ended = asyncio.Event()  # set whenever the turn in flight ends
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def open(self, client: str = "") -> None:
@@ -137,6 +138,7 @@ class Session:
             return
         self.closed = True
         aborted = self.chain.abort_turn()
+        self._turn_ended.set()
         if aborted is not None:
             log.info("flow %s: client left mid-turn; upstream response stopped", self.flow_id)
             self._trace_end(aborted, None, "client left mid-turn")
@@ -167,12 +169,28 @@ class Session:
             except ValueError:
                 obj = None
             if isinstance(obj, dict) and obj.get("type") == "response.create":
+                if self.chain.turn is not None:
+                    await self._wait_for_turn_end()
+                    if self.closed:
+                        return
                 await self._create(obj, message)
                 return
         async with self._lock:
             conn = await self._usable_upstream()
             if conn is not None:
                 await self._send(conn, message)
+
+    async def _wait_for_turn_end(self) -> None:
+        """A response.create sent while another is in flight waits for it, as the upstream runs one response at
+        a time per connection. The client's later messages wait behind it (this is the client reader), so
+        nothing is reordered and nothing is dropped; the turn in flight always ends (completed, failed,
+        recovered and completed, or failed closed)."""
+        turn = self.chain.turn
+        log.debug("flow %s: response.create pipelined behind turn %s; it waits", self.flow_id,
+                  turn.number if turn else "-")
+        while self.chain.turn is not None and not self.closed:
+            self._turn_ended.clear()
+            await self._turn_ended.wait()
 
     async def _create(self, request: dict[str, Any], raw: str) -> None:
         try:
@@ -329,6 +347,7 @@ class Session:
         await self._to_client(message)
         if result is not None:
             self._inflight = None
+            self._turn_ended.set()
             if self.trace:
                 self._trace_end(result.turn, event, None, conn)
             if result.ok and self.faults is not None:
@@ -468,6 +487,7 @@ class Session:
         """Fail closed: tell the client why (an upstream-shaped error event), then close it."""
         aborted = self.chain.abort_turn()
         self._inflight = None
+        self._turn_ended.set()
         self._failed_closed = decision
         if self.trace:
             if aborted is not None:
