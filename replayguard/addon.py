@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
+from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, http
@@ -14,12 +16,13 @@ from .bridge import TOKEN_HEADER, Bridge, Session
 from .chain import ChainStore
 from .errors import http_error_body
 from .faults import FaultInjector
-from .rules import Rules, RulesError, load_rules
+from .rules import DEFAULT_RULES, Rules, RulesError, load_rules
 from .trace import SessionTrace, TraceWriter, redact_url, scrub
 from .upstream import HandshakeFailed, Target, forwardable
 
 log = logging.getLogger(__name__)
 
+RULES_POLL_SECONDS = 1.0
 MARK_RECOVERED = ":recycle:"
 MARK_FAILED = ":no_entry:"
 MARK_FAULT = ":zap:"
@@ -46,6 +49,8 @@ class ReplayGuard:
         self.bridge = Bridge()
         self.flows: dict[str, http.HTTPFlow] = {}
         self.trace: TraceWriter | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._rules_seen: tuple[int, int] | None = None  # (mtime_ns, size) of the rules file last loaded or refused
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -64,12 +69,9 @@ class ReplayGuard:
                 rules = load_rules(ctx.options.replayguard_rules or None)
             except RulesError as e:
                 raise OptionsError(f"replayguard: bad rules file: {e}") from None
-            self.rules = rules
-            self.store.max_records = rules.limits.max_saved_responses
+            self._use(rules)
+            self._rules_seen = self._signature()
             log.info("replayguard: rules from %s (policy %s)", rules.source, rules.recovery.policy.value)
-            if rules.faults:
-                log.warning("replayguard: %d fault rule(s) active: failures will be injected on purpose",
-                            len(rules.faults))
         if "replayguard_trace" in updated:
             self._open_trace(ctx.options.replayguard_trace)
 
@@ -125,7 +127,14 @@ class ReplayGuard:
         self.bridge.discard(flow.id)
         self.flows.pop(flow.id, None)
 
+    def running(self) -> None:
+        if self._watcher is None:
+            self._watcher = asyncio.ensure_future(self._watch_rules())
+
     async def done(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         await self.bridge.stop()
         if self.trace is not None:
             self.trace.close()
@@ -142,6 +151,41 @@ class ReplayGuard:
         except OSError as e:
             raise OptionsError(f"replayguard: cannot write trace file {path}: {e.strerror or e}") from None
         log.info("replayguard: writing chain trace to %s", self.trace.path)
+
+    # -- rules reload ------------------------------------------------------------------------------
+    def _use(self, rules: Rules) -> None:
+        self.rules = rules
+        self.store.max_records = rules.limits.max_saved_responses
+        if rules.faults:
+            log.warning("replayguard: %d fault rule(s) active: failures will be injected on purpose", len(rules.faults))
+
+    def _rules_path(self) -> Path:
+        return Path(ctx.options.replayguard_rules or DEFAULT_RULES)
+
+    def _signature(self) -> tuple[int, int] | None:
+        try:
+            st = self._rules_path().stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    async def _watch_rules(self) -> None:
+        """Reload the rules file when it changes on disk. New flows get the new rules; a bad file is reported
+        (file, line, reason) once and the last good rules stay in force."""
+        while True:
+            await asyncio.sleep(RULES_POLL_SECONDS)
+            signature = self._signature()
+            if signature is None or signature == self._rules_seen:
+                continue
+            self._rules_seen = signature
+            try:
+                rules = load_rules(self._rules_path())
+            except RulesError as e:
+                log.warning("replayguard: %s; keeping the last good rules (from %s)", e,
+                            self.rules.source if self.rules else "-")
+                continue
+            self._use(rules)
+            log.info("replayguard: reloaded rules from %s (policy %s)", rules.source, rules.recovery.policy.value)
 
     # -- helpers ----------------------------------------------------------------------------------
     @staticmethod
