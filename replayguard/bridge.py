@@ -149,12 +149,29 @@ class Session:
         for task in list(self._tasks):
             if task is not current:
                 task.cancel()
+        self._retire_chain()
         if self.upstream is not None:
             self.upstream.lost = self.upstream.lost or "session closed"
             await self._close_ws(self.upstream, 1000, "client went away")
         if self.client is not None:
             await self._close_ws_client(1000, "")
         self._inflight = None
+
+    def _retire_chain(self) -> None:
+        """The session's replay state stays resumable for limits.resume_ttl seconds, then it is freed."""
+        store, ttl = self.chain.store, self.rules.limits.resume_ttl
+        store.retire(self.chain.response_ids, time.monotonic() + ttl)
+
+        def sweep() -> None:
+            freed = store.sweep(time.monotonic())
+            if freed:
+                log.debug("replayguard: freed %d saved response(s) after resume_ttl (%d retired left)",
+                          freed, store.retired)
+
+        if ttl == 0:
+            sweep()
+        else:
+            asyncio.get_running_loop().call_later(ttl + 0.01, sweep)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)

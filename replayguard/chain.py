@@ -13,7 +13,7 @@ import itertools
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 Item = dict[str, Any]
 
@@ -36,7 +36,7 @@ def normalize_input(value: Any) -> list[Item]:
     raise RequestError(f"input must be a string or a list, not {type(value).__name__}")
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(frozen=True, slots=True, eq=False, weakref_slot=True)  # weakref: tests prove nodes are freed
 class Node:
     """One turn's items (new input, then output) on top of the history before it."""
 
@@ -81,12 +81,19 @@ class ResponseRecord:
 
 
 class ChainStore:
-    """Response records kept across flows, so a client that reconnects can be resumed (bounded LRU)."""
+    """Response records kept across flows, so a client that reconnects can be resumed.
+
+    Bounded two ways: an LRU cap on the number of records, and a resume TTL: when a session ends its records are
+    retired with a deadline, and :meth:`sweep` (the caller passes the clock) frees them after it unless a new
+    session resumed the chain in the meantime.
+    """
 
     def __init__(self, max_records: int = 10_000) -> None:
         self.max_records = max_records
         self._records: OrderedDict[str, ResponseRecord] = OrderedDict()
+        self._deadlines: dict[str, float] = {}  # retired response id -> when it may be freed
         self.evicted = 0
+        self.expired = 0
 
     def put(self, record: ResponseRecord) -> int:
         """Insert a record; return how many old records were evicted to make room."""
@@ -94,22 +101,45 @@ class ChainStore:
         self._records.move_to_end(record.response_id)
         dropped = 0
         while len(self._records) > self.max_records:
-            self._records.popitem(last=False)
+            old, _ = self._records.popitem(last=False)
+            self._deadlines.pop(old, None)
             dropped += 1
         self.evicted += dropped
         return dropped
 
     def get(self, response_id: str) -> ResponseRecord | None:
+        """A record by id; a retired one is adopted again (a client resumed its chain before the TTL ran out)."""
         record = self._records.get(response_id)
         if record is not None:
             self._records.move_to_end(response_id)
+            self._deadlines.pop(response_id, None)
         return record
+
+    def retire(self, response_ids: Iterable[str], deadline: float) -> None:
+        """The session that made these records ended: they may be freed at ``deadline``."""
+        for response_id in response_ids:
+            if response_id in self._records:
+                self._deadlines[response_id] = deadline
+
+    def sweep(self, now: float) -> int:
+        """Free retired records whose deadline passed; returns how many."""
+        due = [rid for rid, deadline in self._deadlines.items() if deadline <= now]
+        for rid in due:
+            del self._deadlines[rid]
+            self._records.pop(rid, None)
+        self.expired += len(due)
+        return len(due)
+
+    @property
+    def retired(self) -> int:
+        return len(self._deadlines)
 
     def __len__(self) -> int:
         return len(self._records)
 
     def clear(self) -> None:
         self._records.clear()
+        self._deadlines.clear()
 
 
 @dataclass(slots=True)
@@ -170,6 +200,7 @@ class Chain:
         self._numbers = itertools.count(1)
         self.completed = 0
         self.failed = 0
+        self.response_ids: list[str] = []  # records this session made or resumed (retired when it ends)
 
     # -- requests ---------------------------------------------------------------------------------
     def begin_turn(self, request: dict[str, Any], raw: str) -> Turn:
@@ -212,7 +243,10 @@ class Chain:
     def _lookup(self, response_id: str) -> ResponseRecord | None:
         if self.head is not None and self.head.response_id == response_id:
             return self.head
-        return self.store.get(response_id)
+        record = self.store.get(response_id)
+        if record is not None and response_id not in self.response_ids:
+            self.response_ids.append(response_id)  # resumed from another session: ours to retire now
+        return record
 
     def needs_rewrite(self, turn: Turn) -> bool:
         """True when the current upstream connection cannot resolve the turn's previous_response_id."""
@@ -291,5 +325,6 @@ class Chain:
         record = ResponseRecord(turn.response_id, history, turn.store, complete=history is not None)
         self.head = record
         self.cached_id = turn.response_id
+        self.response_ids.append(turn.response_id)
         dropped = self.store.put(record)
         return TurnResult(turn, ok=True, evicted_bytes=evicted_bytes, evicted_records=dropped)

@@ -67,6 +67,7 @@ class RecoveryRules:
 class LimitRules:
     max_chain_bytes: int = 256 * 2**20
     max_saved_responses: int = 10_000
+    resume_ttl: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +168,8 @@ SECTIONS: dict[str, tuple[type, dict[str, Check]]] = {
         },
     ),
     "recovery": (RecoveryRules, {"policy": _policy, "max_retries": _number(0, integer=True)}),
-    "limits": (LimitRules, {"max_chain_bytes": _number(1, integer=True), "max_saved_responses": _number(1, integer=True)}),
+    "limits": (LimitRules, {"max_chain_bytes": _number(1, integer=True), "max_saved_responses": _number(1, integer=True),
+                            "resume_ttl": _number(0)}),
     "trace": (TraceRules, {"bodies": _choice(Bodies)}),
 }
 MATCH_KEYS: dict[str, Check] = {"host": _glob, "path": _glob, "filter": _filter}

@@ -618,3 +618,62 @@ def test_turn_numbers_count_up():
     chain = new_chain()
     numbers = [chain.begin_turn(request([user(str(i))]), "").number for i in range(4)]
     assert numbers == [1, 2, 3, 4]
+
+
+# -- resume TTL: the state of an ended session is freed -----------------------------------------------
+def test_retired_records_are_freed_after_the_deadline_only():
+    store = ChainStore()
+    chain = Chain(store)
+    turn(chain, request([user("a")]), "resp_1", [assistant("x")])
+    turn(chain, request([user("b")], previous="resp_1"), "resp_2", [assistant("y")])
+    assert chain.response_ids == ["resp_1", "resp_2"]
+    store.retire(chain.response_ids, deadline=100.0)
+    assert store.retired == 2 and store.sweep(99.9) == 0 and len(store) == 2
+    assert store.sweep(100.0) == 2 and len(store) == 0 and store.expired == 2
+    assert store.get("resp_2") is None
+
+
+def test_a_resumed_chain_is_adopted_and_not_freed():
+    store = ChainStore()
+    old = Chain(store)
+    turn(old, request([user("a")]), "resp_1", [assistant("x")])
+    turn(old, request([user("b")], previous="resp_1"), "resp_2", [assistant("y")])
+    store.retire(old.response_ids, deadline=10.0)
+    new = Chain(store)  # the client reconnected with its last id before the TTL ran out
+    t = new.begin_turn(request([user("c")], previous="resp_2"), "{}")
+    assert t.base_known and new.response_ids == ["resp_2"]
+    assert store.sweep(11.0) == 1  # resp_1 is freed; resp_2 was adopted
+    assert store.get("resp_2") is not None and store.get("resp_1") is None
+    # The adopted record's history (including resp_1's turn) is still whole: replay needs it.
+    assert [i["content"][0]["text"] for i in t.full_input() if i.get("role") == "user"] == ["a", "b", "c"]
+
+
+def test_freed_chain_releases_its_history_nodes():
+    import gc
+    import weakref
+
+    store = ChainStore()
+    chain = Chain(store)
+    for n in range(5):
+        turn(chain, request([user(str(n))], previous=f"resp_{n}" if n else None), f"resp_{n + 1}", [assistant("ok")])
+    assert chain.head is not None and chain.head.history is not None
+    node = weakref.ref(chain.head.history)
+    first = weakref.ref(store.get("resp_1").history)
+    ids = chain.response_ids
+    del chain
+    gc.collect()
+    assert node() is not None  # still resumable
+    store.retire(ids, deadline=0.0)
+    store.sweep(0.0)
+    gc.collect()
+    assert node() is None and first() is None and len(store) == 0
+
+
+def test_lru_eviction_forgets_the_deadline_too():
+    store = ChainStore(max_records=1)
+    chain = Chain(store)
+    turn(chain, request([user("a")]), "resp_1", [assistant("x")])
+    store.retire(["resp_1", "resp_unknown"], deadline=5.0)
+    assert store.retired == 1
+    turn(chain, request([user("b")], previous="resp_1"), "resp_2", [assistant("y")])
+    assert store.retired == 0 and len(store) == 1
