@@ -25,6 +25,7 @@ def fake_upstream(args: argparse.Namespace) -> int:
     fake.close_after_responses = args.close_after_responses
     fake.drop_after_responses = args.drop_after_responses
     fake.blackhole_after_responses = args.blackhole_after_responses
+    fake.max_connection_age = args.max_connection_age
     fake.response_delay = args.response_delay
     if args.refuse:
         fake.refuse_next(*args.refuse)
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="cut each connection's TCP (no close frame) after its Nth response")
     p.add_argument("--blackhole-after-responses", type=int, default=None, metavar="N",
                    help="each connection stops answering anything, pings included, after its Nth response")
+    p.add_argument("--max-connection-age", type=float, default=None, metavar="SECONDS",
+                   help="the upstream's 60-minute limit, shortened: websocket_connection_limit_reached, then close")
     p.add_argument("--refuse", type=_refusal, default=None, metavar="COUNT[:STATUS]",
                    help="refuse the first COUNT handshakes with HTTP STATUS (default 503)")
     p.add_argument("--response-delay", type=float, default=0.0, metavar="SECONDS")

@@ -38,6 +38,12 @@ OUTPUT_CALLS = {
 NEEDS_OUTPUT = ("function_call", "custom_tool_call", "local_shell_call")
 
 
+CONNECTION_LIMIT_EVENT = {"type": "error", "status": 400, "error": {
+    "type": "invalid_request_error", "code": "websocket_connection_limit_reached",
+    "message": "Responses websocket connection limit reached (60 minutes). Create a new websocket connection to "
+               "continue.", "param": None}}
+
+
 class RequestFailed(Exception):
     def __init__(self, status: int, code: str | None, message: str, param: str | None, type_: str = "invalid_request_error"):
         super().__init__(message)
@@ -108,6 +114,8 @@ class FakeUpstream:
         self.sent: list[tuple[int, dict[str, Any]]] = []
         self.close_after_responses: int | None = None
         self.mute = False  # new connections complete the handshake and then never speak
+        self.max_connection_age: float | None = None  # the upstream's 60-minute limit, shortened for tests
+        self.limit_errors = 0  # websocket_connection_limit_reached events sent
         self.drop_after_responses: int | None = None  # cut each connection's TCP after its Nth response
         self.blackhole_after_responses: int | None = None  # each connection goes silent after its Nth response
         self.silent_next_requests = 0
@@ -208,14 +216,9 @@ class FakeUpstream:
             self._refuse.extend([(status, body)] * count)
 
     def send_connection_limit_all(self) -> None:
-        event = {"type": "error", "status": 400, "error": {
-            "type": "invalid_request_error", "code": "websocket_connection_limit_reached",
-            "message": "Responses websocket connection limit reached (60 minutes). Create a new websocket "
-                       "connection to continue.", "param": None}}
-
         async def go() -> None:
             for conn in list(self._conns.values()):
-                await self._send(conn, event)
+                await self._send(conn, CONNECTION_LIMIT_EVENT)
                 await conn.ws.close(1000, "connection limit reached")
         self._call(go)
 
@@ -270,6 +273,7 @@ class FakeUpstream:
         self._conns[conn.id] = conn
         if self.mute:
             ws.transport.pause_reading()  # 101, then nothing: no events, no pongs
+        limit = asyncio.ensure_future(self._age_limit(conn)) if self.max_connection_age else None
         try:
             async for message in ws:
                 await self._on_message(conn, message)
@@ -277,6 +281,21 @@ class FakeUpstream:
             pass
         finally:
             self._conns.pop(conn.id, None)
+            if limit is not None:
+                limit.cancel()
+
+    async def _age_limit(self, conn: _Conn) -> None:
+        """At the age limit the upstream sends websocket_connection_limit_reached and closes (after the response
+        in flight, if any)."""
+        assert self.max_connection_age is not None
+        await asyncio.sleep(self.max_connection_age)
+        async with conn.lock:
+            self.limit_errors += 1
+            try:
+                await self._send(conn, CONNECTION_LIMIT_EVENT)
+                await conn.ws.close(1000, "connection limit reached")
+            except ConnectionClosed:
+                pass
 
     async def _send(self, conn: _Conn, event: dict[str, Any]) -> None:
         self.sent.append((conn.id, event))
