@@ -61,6 +61,14 @@ def trace(args: argparse.Namespace) -> int:
     return view(args.file, as_json=args.json, session=args.session, check=args.check)
 
 
+def soak(args: argparse.Namespace) -> int:
+    from .soak import report, run
+
+    counts = run(args.sessions, args.turns, args.seed)
+    print(report(counts), flush=True)
+    return 0 if counts.ok() else 1
+
+
 def bench(args: argparse.Namespace) -> int:
     from .bench import run
 
@@ -102,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--session", metavar="ID", help="only the session whose id starts with ID")
     t.add_argument("--check", action="store_true", help="exit 2 when a problem (orphaned call_id, ...) is found")
     t.set_defaults(run=trace)
+    k = commands.add_parser("soak", help="concurrent tool-call sessions through a randomly failing upstream")
+    k.add_argument("--sessions", type=int, default=100)
+    k.add_argument("--turns", type=int, default=20)
+    k.add_argument("--seed", type=int, default=1)
+    k.set_defaults(run=soak)
     b = commands.add_parser("bench", help="benchmark replayguard against plain mitmdump (offline)")
     b.add_argument("--quick", action="store_true", help="a smaller run (under a minute), for CI smoke tests")
     b.set_defaults(run=bench)

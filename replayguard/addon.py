@@ -131,7 +131,14 @@ class ReplayGuard:
         if self._watcher is None:
             self._watcher = asyncio.ensure_future(self._watch_rules())
 
+    def state_counts(self) -> dict[str, int]:
+        """Per-flow state the addon holds right now (all zero once every session ended and resume_ttl passed)."""
+        return {"sessions": len(self.bridge.active), "pending": len(self.bridge.pending), "flows": len(self.flows),
+                "saved_responses": len(self.store), "retired": self.store.retired}
+
     async def done(self) -> None:
+        counts = ", ".join(f"{k} {v}" for k, v in self.state_counts().items())
+        log.info("replayguard: state at exit: %s", counts)
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None

@@ -229,6 +229,24 @@ class FakeUpstream:
                 await conn.ws.send(message)
         self._call(go)
 
+    def break_one(self, kind: str, pick: float) -> bool:
+        """Break one open connection, chosen by ``pick`` in [0, 1): close (1011), drop (TCP) or blackhole."""
+        async def go() -> bool:
+            conns = [c for c in self._conns.values() if c.ws.state is State.OPEN]
+            if not conns:
+                return False
+            conn = conns[min(len(conns) - 1, int(pick * len(conns)))]
+            if kind == "close":
+                asyncio.ensure_future(conn.ws.close(1011, "keepalive ping timeout"))
+            elif kind == "drop":
+                conn.ws.transport.abort()
+            elif kind == "blackhole":
+                conn.ws.transport.pause_reading()
+            else:
+                raise ValueError(kind)
+            return True
+        return bool(self._call(go))
+
     def forget_responses(self) -> None:
         """Every connection loses its cache (as when a request lands on another upstream host)."""
         self._call(lambda: [c.cache.clear() for c in self._conns.values()])
