@@ -122,10 +122,12 @@ class FakeUpstream:
         self.turn_state_prefix = "ts"
         self.response_delay = 0.0
         self.reply_deltas: int | None = None  # when set, every text reply streams exactly this many deltas
+        self.delta_interval = 0.0  # seconds between text deltas (a paced stream, as a model produces tokens)
         self.stamp_deltas = False  # add "t_ns" (CLOCK_MONOTONIC at send) to deltas, for latency measurements
         self.drop_after_events: int | None = None  # one-shot: cut TCP after this many events of the next response
         self._refuse: list[tuple[int, bytes | None]] = []
         self._stored: dict[str, list[Any]] = {}  # store=true responses, server-wide
+        self._tokens: dict[str, int] = {}  # response id -> tokens of its full context and output
         self._conns: dict[int, _Conn] = {}
         self._ids = itertools.count(1)
         self._calls = itertools.count(1)
@@ -394,7 +396,10 @@ class FakeUpstream:
         await self._send(conn, {"type": "response.in_progress", "response": base_response, "sequence_number": next(seq)})
         for index, item in enumerate(output):
             await self._stream_item(conn, index, item, seq)
-        usage = {"input_tokens": len(json.dumps(context)) // 4, "output_tokens": len(json.dumps(output)) // 4}
+        # Token counts grow with the chain: counted incrementally, so a long chain costs the fake O(1) per turn.
+        base_tokens = self._tokens.get(previous, 0) if previous else 0
+        new_tokens = (len(json.dumps(items)) if previous else len(json.dumps(context))) // 4
+        usage = {"input_tokens": base_tokens + new_tokens, "output_tokens": len(json.dumps(output)) // 4}
         usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
         final = dict(base_response, status="completed", output=output, usage=usage)
         full = context + output
@@ -402,6 +407,7 @@ class FakeUpstream:
         conn.cache[rid] = full
         if store:
             self._stored[rid] = full
+        self._tokens[rid] = usage["input_tokens"] + usage["output_tokens"]
         conn.responses += 1
         await self._send(conn, {"type": "response.completed", "response": final, "sequence_number": next(seq)})
 
@@ -420,6 +426,8 @@ class FakeUpstream:
             for i in range(0, len(text), 5):
                 delta = {"type": "response.output_text.delta", **common, "delta": text[i:i + 5],
                          "sequence_number": next(seq)}
+                if self.delta_interval:
+                    await asyncio.sleep(self.delta_interval)
                 if self.stamp_deltas:
                     delta["t_ns"] = time.monotonic_ns()
                 await self._send(conn, delta)
