@@ -234,3 +234,51 @@ def test_key_in_the_url_never_reaches_trace_or_log(fake, mitm, tmp_path):
     assert of(recs, "session.start")[0]["url"].endswith("/v1/responses?api-version=1&api-key=[redacted]")
     assert "qk_SECRET_4242" not in json.dumps(events)
     assert_no_secret(path, proxy)  # and conftest checks every log line and trace for SECRET
+
+
+def test_mid_response_loss_trace(fake, mitm, tmp_path):
+    proxy, path = traced(mitm, fake, tmp_path)
+    client = Client(proxy.url + "/v1/responses", headers=AUTH)
+    r1 = completed(client.turn({"model": "m", "store": False, "input": [user("hello")]}))
+    fake.drop_after_events = 4
+    client.send({"type": "response.create", "model": "m", "store": False, "previous_response_id": r1["id"],
+                 "input": [user("long")]})
+    events, code, _ = client.until_closed()
+    recs = records(path, until="session.end")
+    (lost,) = of(recs, "upstream.lost")
+    assert lost["turn"] == 2 and lost["how"] == "upstream connection dropped"
+    (fail,) = of(recs, "fail_close")
+    assert fail["error"]["error"]["code"] == "upstream_stream_interrupted" and fail["close_code"] == code == 1011
+    assert fail["error"] == events[-1]
+    assert not of(recs, "recovery")  # part of the turn reached the client: never silently resent
+    end = of(recs, "turn.end")[-1]
+    assert end["turn"] == 2 and end["status"] == "aborted"
+
+
+def test_rotation_trace(fake, mitm, tmp_path):
+    proxy, path = traced(mitm, fake, tmp_path, upstream={"rotation_age": 1})
+    client = Client(proxy.url + "/v1/responses", headers=AUTH)
+    r1 = completed(client.turn({"model": "m", "store": False, "input": [user("hello")]}))
+    time.sleep(1.2)
+    completed(client.turn({"model": "m", "store": False, "previous_response_id": r1["id"], "input": [user("b")]}))
+    client.close()
+    recs = records(path, until="session.end")
+    (lost,) = of(recs, "upstream.lost")
+    assert lost["how"] == "connection rotated before its age limit" and lost["turn"] == 2
+    (rec,) = of(recs, "recovery")
+    assert rec["trigger"] == "connection rotated before its age limit" and rec["removed_previous_response_id"] == r1["id"]
+    assert [h["purpose"] for h in of(recs, "handshake")] == ["open", "recovery"]
+
+
+def test_client_leaving_mid_turn_trace(fake, mitm, tmp_path):
+    proxy, path = traced(mitm, fake, tmp_path)
+    client = Client(proxy.url + "/v1/responses", headers=AUTH)
+    completed(client.turn({"model": "m", "store": False, "input": [user("hello")]}))
+    fake.response_delay = 1.0
+    client.send({"type": "response.create", "model": "m", "store": False, "input": [user("long job")]})
+    assert fake.wait_for(lambda: sum(m.get("type") == "response.create" for _, m in fake.received) == 2)
+    client.close()
+    recs = records(path, until="session.end")
+    end = of(recs, "turn.end")[-1]
+    assert end["turn"] == 2 and end["status"] == "aborted" and end["reason"] == "client left mid-turn"
+    assert of(recs, "session.end")[0]["turns_completed"] == 1
