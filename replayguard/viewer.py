@@ -341,7 +341,8 @@ def render(sessions: list[SessionView], out: TextIO, color: bool = False) -> Non
     for view in sessions:
         done = sum(t.status == "completed" for t in view.turns)
         out.write(s(f"session {view.id}", "1") + f"  {view.url}  [{view.source}]\n")
-        out.write(f"  {len(view.turns)} turns ({done} completed), {view.recoveries} recoveries"
+        out.write(f"  {len(view.turns)} turns ({done} completed), {view.recoveries} "
+                  f"{'recovery' if view.recoveries == 1 else 'recoveries'}"
                   f"{', failed closed' if view.failed_closed else ''}\n")
         for line in _interleave(view, s):
             out.write(line + "\n")
