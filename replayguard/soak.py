@@ -106,7 +106,7 @@ async def _session(url: str, n: int, turns: int, counts: Counts, rng: random.Ran
             else:
                 new = [{"type": "message", "role": "user", "content": f"s{n} t{t}: please run TOOL ls"
                         if rng.random() < 0.6 else f"s{n} t{t}: hello"}]
-            for attempt in range(MAX_ATTEMPTS):
+            for _ in range(MAX_ATTEMPTS):
                 request: dict[str, Any] = {"type": "response.create", "model": "m", "store": False}
                 if previous is not None:
                     request.update(previous_response_id=previous, input=new)
