@@ -526,16 +526,20 @@ class Session:
             self._spawn(self._close_ws(self.upstream, 1000, "failed closed"))
 
     async def _keepalive(self) -> None:
+        """Ping the upstream connection whenever it has been silent for keepalive_interval: between turns, so a
+        dead connection is known before the next turn, and mid-turn, so a connection that died while the model
+        was thinking is found at once instead of leaving the client waiting on it. A pong is all it needs: a
+        long, silent but healthy turn is never cut."""
         cfg = self.rules.upstream
         while not self.closed:
             await asyncio.sleep(cfg.keepalive_interval)
             conn = self.upstream
-            if conn is None or not conn.alive or self.chain.turn is not None:
+            if conn is None or not conn.alive or conn.idle_for() < cfg.keepalive_interval:
                 continue
-            if conn.idle_for() < cfg.keepalive_interval:
-                continue
-            if not await conn.ping(cfg.ping_timeout) and conn.alive and self.chain.turn is None:
-                self._declare_dead(conn, Trigger.PING_TIMEOUT, f"keepalive: no pong within {cfg.ping_timeout:g}s")
+            if not await conn.ping(cfg.ping_timeout) and conn.alive and conn is self.upstream:
+                during = "" if self.chain.turn is None else f" during turn {self.chain.turn.number}"
+                self._declare_dead(conn, Trigger.PING_TIMEOUT,
+                                   f"keepalive{during}: no pong within {cfg.ping_timeout:g}s")
 
     # -- faults and trace -------------------------------------------------------------------------
     def _inject(self, fired: Fired, conn: Upstream | None) -> None:

@@ -125,6 +125,7 @@ class FakeUpstream:
         self.delta_interval = 0.0  # seconds between text deltas (a paced stream, as a model produces tokens)
         self.stamp_deltas = False  # add "t_ns" (CLOCK_MONOTONIC at send) to deltas, for latency measurements
         self.drop_after_events: int | None = None  # one-shot: cut TCP after this many events of the next response
+        self.stall_after_events: int | None = None  # one-shot: go silent after this many events of the next response
         self._refuse: list[tuple[int, bytes | None]] = []
         self._stored: dict[str, list[Any]] = {}  # store=true responses, server-wide
         self._tokens: dict[str, int] = {}  # response id -> tokens of its full context and output
@@ -320,6 +321,12 @@ class FakeUpstream:
     async def _send(self, conn: _Conn, event: dict[str, Any]) -> None:
         self.sent.append((conn.id, event))
         await conn.ws.send(json.dumps(event))
+        if self.stall_after_events is not None and "sequence_number" in event:
+            if event["sequence_number"] + 1 >= self.stall_after_events:
+                self.stall_after_events = None
+                conn.ws.transport.pause_reading()  # silent mid-response: no more events, no pongs
+                await conn.ws.wait_closed()
+                raise _Dropped()
         if self.drop_after_events is not None and "sequence_number" in event:
             if event["sequence_number"] + 1 >= self.drop_after_events:
                 self.drop_after_events = None
