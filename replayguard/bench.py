@@ -126,6 +126,13 @@ async def _first_event_times(url: str, turns: int, item_bytes: int) -> list[floa
     return times
 
 
+def _reset(fake: FakeUpstream) -> None:
+    """Forget what the fake recorded (it keeps every message for tests): a long bench would otherwise grow it."""
+    fake.received.clear()
+    fake.sent.clear()
+    gc.collect()
+
+
 def _at_marks(values: list[float], marks: tuple[int, ...]) -> dict[int, float]:
     """Median of the ten values ending at each mark (turn numbers)."""
     return {m: statistics.median(values[max(0, m - 10):m]) for m in marks if m <= len(values)}
@@ -236,6 +243,7 @@ def run(quick: bool) -> str:
             for proc in procs.values():
                 proc.start()
             for _ in range(repeats):  # interleaved, best of each: the machine is noisy
+                _reset(fake)
                 results["direct"].append(asyncio.run(_stream(fake.url + "/v1/responses", sessions, turns)))
                 for name, proc in procs.items():
                     results[name].append(asyncio.run(_stream(proc.url + "/v1/responses", sessions, turns)))
@@ -247,9 +255,16 @@ def run(quick: bool) -> str:
             fake.delta_interval = 0.0
             fake.reply_deltas = None
             overheads = asyncio.run(_recovery(procs["replayguard"].url + "/v1/responses", fake, ping_timeout, rounds))
-            first_event = {name: _at_marks(asyncio.run(_first_event_times(proc.url + "/v1/responses", chain_turns,
-                                                                          20_000)), marks)
-                           for name, proc in procs.items()}
+            # One long chain per proxy, twice, in the order plain, replayguard, replayguard, plain; best median
+            # per mark. The fake's records are cleared before each run so that no run pays for another's
+            # garbage-collector load.
+            first_event: dict[str, dict[int, float]] = {}
+            for name in ("plain", "replayguard", "replayguard", "plain"):
+                _reset(fake)
+                times = _at_marks(asyncio.run(_first_event_times(procs[name].url + "/v1/responses", chain_turns,
+                                                                 20_000)), marks)
+                best_so_far = first_event.setdefault(name, times)
+                first_event[name] = {m: min(best_so_far[m], times[m]) for m in times}
         finally:
             for proc in procs.values():
                 proc.stop()
@@ -270,14 +285,17 @@ def run(quick: bool) -> str:
                  f"plain {pp.latency_ms(0.99):.2f} | replayguard {pr.latency_ms(0.99):.2f}",
                  f"added {pr.latency_ms(0.99) - pp.latency_ms(0.99):+.2f} ms"))
     # The fake upstream validates the whole growing context each turn and mitmproxy keeps every message of the
-    # flow: that growth is in both columns; plain mitmdump's ratio is the reference for replayguard's.
+    # flow: that growth is in both columns. What replayguard itself adds is the difference.
     for name in ("plain", "replayguard"):
         times = first_event[name]
         lo, hi = min(times), max(times)
         rows.append((f"time to first event, 20 KB turns, {name} (ms)",
                      " | ".join(f"turn {m}: {v * 1000:.2f}" for m, v in times.items()),
-                     f"turn {hi}/turn {lo}: {times[hi] / times[lo]:.2f}x" +
-                     (" (target <= 1.5x)" if name == "replayguard" else " (reference)")))
+                     f"turn {hi}/turn {lo}: {times[hi] / times[lo]:.2f}x"))
+    added = {m: first_event["replayguard"][m] - first_event["plain"][m] for m in first_event["plain"]}
+    lo, hi = min(added), max(added)
+    rows.append(("  of which added by replayguard (ms)", " | ".join(f"turn {m}: {v * 1000:+.2f}" for m, v in added.items()),
+                 f"turn {hi} - turn {lo}: {(added[hi] - added[lo]) * 1000:+.2f} ms"))
     rows.append(("recovery overhead (s, resend - ping timeout)",
                  f"median {statistics.median(overheads):.3f} | max {max(overheads):.3f} over {rounds}",
                  "target <= 0.2 s"))
