@@ -1,15 +1,15 @@
-"""Command line: `python -m replayguard fake-upstream --port P` (the faithful fake upstream, offline),
-`python -m replayguard client URL` (a scripted tool-call chain) and `python -m replayguard bench [--quick]`
-(replayguard against plain mitmdump)."""
+"""The command line, `replayguard <command>` (or `python -m replayguard <command>`): the developer tools of
+:mod:`replayguard.tools`, each behind one subcommand. This module only parses arguments and dispatches."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 
-from .fake_upstream import FakeUpstream
+from .tools.fake_upstream import FakeUpstream
 
 
 def _refusal(text: str) -> tuple[int, int]:
@@ -43,7 +43,7 @@ def fake_upstream(args: argparse.Namespace) -> int:
 
 
 def client(args: argparse.Namespace) -> int:
-    from .client import run
+    from .tools.client import run
 
     headers = dict(h.split(":", 1) for h in args.header)
     return run(args.url, args.turns, {k.strip(): v.strip() for k, v in headers.items()}, store=args.store)
@@ -56,13 +56,13 @@ def _header(text: str) -> str:
 
 
 def trace(args: argparse.Namespace) -> int:
-    from .viewer import main as view
+    from .tools.viewer import main as view
 
     return view(args.file, as_json=args.json, session=args.session, check=args.check)
 
 
 def soak(args: argparse.Namespace) -> int:
-    from .soak import report, run
+    from .tools.soak import report, run
 
     counts = run(args.sessions, args.turns, args.seed)
     print(report(counts), flush=True)
@@ -70,14 +70,20 @@ def soak(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from .bench import run
+    from .tools.bench import run
 
     print(run(quick=args.quick), flush=True)
     return 0
 
 
+def program_name(argv0: str | None = None) -> str:
+    """What the user typed to run us: `replayguard` for the console script, `python -m replayguard` otherwise."""
+    name = os.path.basename(argv0 if argv0 is not None else sys.argv[0])
+    return "python -m replayguard" if name in ("__main__.py", "-c", "") else name
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m replayguard")
+    parser = argparse.ArgumentParser(prog=program_name())
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("fake-upstream", help="run a faithful fake Responses WebSocket upstream (no tokens spent)")
     p.add_argument("--host", default="127.0.0.1")

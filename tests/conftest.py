@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tls.py
 sys.path.insert(1, str(ROOT))
 
-from replayguard.fake_upstream import FakeUpstream  # noqa: E402
-from replayguard.harness import Mitmdump  # noqa: E402
+from replayguard.tools.fake_upstream import FakeUpstream  # noqa: E402
+from replayguard.tools.harness import Mitmdump  # noqa: E402
 
 SECRET_MARK = "SECRET"  # every credential the tests send contains it
 

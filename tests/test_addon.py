@@ -8,7 +8,7 @@ import pytest
 from mitmproxy.exceptions import OptionsError
 from mitmproxy.test import taddons, tflow
 
-from replayguard.addon import MARK_FAILED, MARK_RECOVERED, ReplayGuard, is_websocket_upgrade, upstream_url
+from replayguard.proxy.addon import MARK_FAILED, MARK_RECOVERED, ReplayGuard, is_websocket_upgrade, upstream_url
 
 
 def upgrade_flow(host: str = "api.openai.com", path: str = "/v1/responses", scheme: str = "https"):

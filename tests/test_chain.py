@@ -1,4 +1,4 @@
-"""replayguard.chain: the replay state of Responses chains, fed the events a real upstream sends (no I/O)."""
+"""replayguard.core.chain: the replay state of Responses chains, fed the events a real upstream sends (no I/O)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from replayguard.chain import (
+from replayguard.core.chain import (
     Chain,
     ChainStore,
     Node,

@@ -16,8 +16,8 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from conftest import Client, completed, user
-from replayguard.harness import Mitmdump
-from replayguard.fake_upstream import FakeUpstream  # noqa: E402
+from replayguard.tools.harness import Mitmdump
+from replayguard.tools.fake_upstream import FakeUpstream  # noqa: E402
 
 AUTH = {"Authorization": "Bearer sk-test-SECRET", "OpenAI-Beta": "responses_websockets=2026-02-06", "session_id": "s-1"}
 

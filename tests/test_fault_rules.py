@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from replayguard.faults import FaultInjector, FaultKind, FaultRule, InjectedError, upstream_error
-from replayguard.rules import RulesError, parse_rules
+from replayguard.core.faults import FaultInjector, FaultKind, FaultRule, InjectedError, upstream_error
+from replayguard.proxy.rules import RulesError, parse_rules
 
 
 def fire_turns(injector: FaultInjector, turns: int) -> list[tuple[int, str]]:

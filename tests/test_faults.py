@@ -12,7 +12,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from conftest import Client, completed, user
-from replayguard.harness import Mitmdump
+from replayguard.tools.harness import Mitmdump
 from test_trace import of, records
 
 AUTH = {"Authorization": "Bearer tok_fault_SECRET_9d8e7f"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from conftest import Client, completed, user
-from replayguard.fake_upstream import FakeUpstream
+from replayguard.tools.fake_upstream import FakeUpstream
 
 
 def test_mute_upstream_fails_closed_after_retries_and_other_flows_live_on(fake, mitm, tmp_path):

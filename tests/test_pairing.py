@@ -1,4 +1,4 @@
-"""replayguard.pairing: the call_id pairing rule, table-driven over every output/call pair."""
+"""replayguard.core.pairing: the call_id pairing rule, table-driven over every output/call pair."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from replayguard.pairing import CALL_TYPES, OUTPUT_CALLS, Orphan, call_ids, find_orphans, is_tool_output
+from replayguard.core.pairing import CALL_TYPES, OUTPUT_CALLS, Orphan, call_ids, find_orphans, is_tool_output
 
 
 def call(kind: str, key: str) -> dict[str, Any]:

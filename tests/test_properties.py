@@ -9,9 +9,9 @@ from typing import Any
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from replayguard.chain import Chain, ChainStore
-from replayguard.fake_upstream import RequestFailed, validate
-from replayguard.recovery import Action, Policy, Situation, Trigger, decide
+from replayguard.core.chain import Chain, ChainStore
+from replayguard.tools.fake_upstream import RequestFailed, validate
+from replayguard.core.recovery import Action, Policy, Situation, Trigger, decide
 
 # One client step: what the client sends after the last response.
 STEP = st.sampled_from(["text", "tool", "tool2", "warmup", "fail", "bogus-output"])

@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from replayguard.harness import ROOT, Mitmdump
+from replayguard.tools.harness import ROOT, Mitmdump
 from test_trace import of, records
 
 

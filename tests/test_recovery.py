@@ -1,4 +1,4 @@
-"""replayguard.recovery.decide() as a decision table, and the error events of replayguard.errors."""
+"""replayguard.core.recovery.decide() as a decision table, and the error events of replayguard.core.errors."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from replayguard import errors
-from replayguard.recovery import (
+from replayguard.core import errors
+from replayguard.core.recovery import (
     ROUTINE,
     Action,
     Decision,

@@ -45,7 +45,7 @@ def test_bad_rules_option_at_runtime_is_refused(fake, mitm, tmp_path):
     from mitmproxy.exceptions import OptionsError
     from mitmproxy.test import taddons
 
-    from replayguard.addon import ReplayGuard
+    from replayguard.proxy.addon import ReplayGuard
 
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(BASE_RULES))

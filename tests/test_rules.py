@@ -1,4 +1,4 @@
-"""replayguard.rules: the shipped rules.yaml, matching, and a file:line report for every kind of mistake."""
+"""replayguard.proxy.rules: the shipped rules.yaml, matching, and a file:line report for every kind of mistake."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from mitmproxy.test import tflow
 
-from replayguard.recovery import Policy
-from replayguard.rules import (
+from replayguard.core.recovery import Policy
+from replayguard.proxy.rules import (
     DEFAULT_RULES,
     LimitRules,
     MatchRule,

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from replayguard.soak import report, run
+from replayguard.tools.soak import report, run
 
 
 def test_soak_ci_size_loses_nothing_and_leaves_no_state():

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from conftest import Client, completed, user
-from replayguard.trace import Bodies, SessionTrace, TraceWriter, read_records, redact_headers, scrub, secret_values
+from replayguard.core.records import Bodies, read_records
+from replayguard.core.redact import redact_headers, scrub, secret_values
+from replayguard.proxy.tracing import SessionTrace, TraceWriter
 
 TOKEN = "tok_KNOWN_SECRET_7f3a9c"
 AUTH = {"Authorization": f"Bearer {TOKEN}", "OpenAI-Beta": "responses_websockets=2026-02-06",
@@ -198,7 +200,7 @@ def test_session_trace_scrubs_its_secrets_everywhere(tmp_path):
     writer = TraceWriter(tmp_path / "t.jsonl")
     headers = [("Authorization", f"Bearer {TOKEN}"), ("Cookie", f"a=1; sid={TOKEN}x")]
     trace = SessionTrace(writer, "s", headers, Bodies.FULL)
-    trace("turn.end", error={"message": f"Incorrect API key provided: {TOKEN}"}, note=f"cookie {TOKEN}x")
+    trace.record("turn.end", error={"message": f"Incorrect API key provided: {TOKEN}"}, note=f"cookie {TOKEN}x")
     writer.close()
     text = (tmp_path / "t.jsonl").read_text()
     assert TOKEN not in text and text.count("[redacted]") == 2

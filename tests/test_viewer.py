@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from conftest import Client, completed, user
-from replayguard.harness import ROOT
-from replayguard.viewer import build_sessions, load, main, records_from_flows
+from replayguard.tools.harness import ROOT
+from replayguard.tools.viewer import build_sessions, load, main, records_from_flows
 from test_trace import records
 
 

@@ -1,4 +1,5 @@
-"""The addon's own upstream WebSocket connections: opening them, and watching them with pings."""
+"""One upstream WebSocket connection of the addon's own: where to open it (:class:`Target`), opening it, and the
+health of an open one (:class:`Upstream`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Iterable
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
-from .trace import redact_url, scrub
+from ..core.redact import redact_url, scrub
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +115,23 @@ class Upstream:
         if transport is not None:
             transport.abort()
 
+    async def close(self, code: int, reason: str) -> None:
+        """Close with a closing handshake, or drop it when the upstream does not answer within 2 s."""
+        try:
+            await asyncio.wait_for(self.ws.close(code, reason), 2)
+        except Exception:
+            self.abort()
+
     def response_headers(self) -> Iterable[tuple[str, str]]:
         response = self.ws.response
         if response is None:
             return ()
         return [(k, v) for k, v in response.headers.raw_items() if k.lower() not in HOP_HEADERS]
+
+
+def ms_since(started: float) -> float:
+    """Milliseconds since a time.monotonic() reading, for logs and traces."""
+    return round((time.monotonic() - started) * 1000, 1)
 
 
 def forwardable(headers: Iterable[tuple[str, str]], drop: Iterable[str] = ()) -> list[tuple[str, str]]:

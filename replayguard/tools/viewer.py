@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, TextIO
 
-from .pairing import CALL_TYPES, OUTPUT_CALLS
-from .trace import Bodies, error_fields, read_records, redact_url, summarize_item, turn_start_fields
+from ..core.pairing import CALL_TYPES, OUTPUT_CALLS
+from ..core.records import Bodies, error_fields, read_records, summarize_item, turn_start_fields
+from ..core.redact import redact_url
 
 Summary = dict[str, Any]
 TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})

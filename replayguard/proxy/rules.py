@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from mitmproxy import flowfilter
 
-from .faults import FaultKind, FaultRule, InjectedError
-from .recovery import Policy
-from .trace import Bodies
+from ..core.faults import FaultKind, FaultRule, InjectedError
+from ..core.records import Bodies
+from ..core.recovery import Policy
 
-DEFAULT_RULES = Path(__file__).resolve().parent.parent / "rules.yaml"
+DEFAULT_RULES = Path(__file__).resolve().parents[2] / "rules.yaml"  # beside addon.py
 
 
 class RulesError(ValueError):
@@ -223,8 +224,6 @@ def _value(node: yaml.Node) -> Any:
 
 
 def _compile_filter(expr: str) -> Any:
-    from mitmproxy import flowfilter  # only config needs mitmproxy; the core stays free of it
-
     try:
         return flowfilter.parse(expr)
     except ValueError as e:

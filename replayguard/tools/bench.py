@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 from websockets.asyncio.client import connect
 
-from .chain import Chain, ChainStore
+from ..core.chain import Chain, ChainStore
 from .fake_upstream import FakeUpstream
 from .harness import Mitmdump
 

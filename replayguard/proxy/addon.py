@@ -12,12 +12,16 @@ from mitmproxy import ctx, http
 from mitmproxy.exceptions import OptionsError
 from mitmproxy.hooks import UpdateHook
 
-from .bridge import TOKEN_HEADER, Bridge, Session
-from .chain import ChainStore
-from .errors import http_error_body
-from .faults import FaultInjector
+from ..core.chain import ChainStore
+from ..core.errors import http_error_body
+from ..core.events import Listener
+from ..core.faults import FaultInjector
+from ..core.redact import redact_url, scrub
+from .bridge import TOKEN_HEADER, Bridge
+from .reporting import FlowNotes, SessionLog
 from .rules import DEFAULT_RULES, Rules, RulesError, load_rules
-from .trace import SessionTrace, TraceWriter, redact_url, scrub
+from .session import Session
+from .tracing import SessionTrace, TraceWriter
 from .upstream import HandshakeFailed, Target, forwardable
 
 log = logging.getLogger(__name__)
@@ -93,12 +97,12 @@ class ReplayGuard:
             connect_timeout=rules.upstream.connect_timeout,
             max_size=rules.upstream.max_message_size,
         )
-        trace = None
+        listeners: list[Listener] = []
         if self.trace is not None:
-            trace = SessionTrace(self.trace, flow.id, target.headers, rules.trace.bodies)
+            listeners.append(SessionTrace(self.trace, flow.id, target.headers, rules.trace.bodies))
+        listeners += [SessionLog(flow.id), FlowNotes(flow.id, self._notify)]
         faults = rules.faults_for(request.host, request.path, flow)
-        session = Session(flow.id, target, rules, self.store, self._notify, trace,
-                          FaultInjector(faults) if faults else None)
+        session = Session(flow.id, target, rules, self.store, listeners, FaultInjector(faults) if faults else None)
         client = flow.client_conn.peername
         try:
             await session.open(f"{client[0]}:{client[1]}" if client else "")

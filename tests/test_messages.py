@@ -1,8 +1,8 @@
-"""Small pieces of the bridge, tested directly."""
+"""Reading messages cheaply (replayguard.core.messages), tested directly."""
 
 import pytest
 
-from replayguard.bridge import is_delta
+from replayguard.core.messages import is_delta
 
 
 @pytest.mark.parametrize(("message", "expected"), [
