@@ -46,7 +46,16 @@ def client(args: argparse.Namespace) -> int:
     from .tools.client import run
 
     headers = dict(h.split(":", 1) for h in args.header)
-    return run(args.url, args.turns, {k.strip(): v.strip() for k, v in headers.items()}, store=args.store)
+    return run(args.url, args.turns, {k.strip(): v.strip() for k, v in headers.items()}, store=args.store,
+               connect_to=args.connect, cafile=args.cacert, proxy=args.proxy)
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}") from None
 
 
 def _header(text: str) -> str:
@@ -105,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--turns", type=int, default=6)
     c.add_argument("--header", type=_header, action="append", default=[], metavar="NAME:VALUE")
     c.add_argument("--store", action="store_true", help="store=true (default: store=false, like Codex)")
+    c.add_argument("--connect", type=_address, metavar="HOST:PORT",
+                   help="open the TCP connection here; the URL's host is still the name sent (SNI, Host)")
+    c.add_argument("--cacert", metavar="FILE", help="CA certificate to trust for wss:// (e.g. mitmproxy's)")
+    c.add_argument("--proxy", metavar="URL", help="go through this proxy (http://, socks5h://); default: none")
     c.set_defaults(run=client)
     t = commands.add_parser(
         "trace", help="show a chain trace or a mitmproxy flow file as per-session timelines, with a diagnosis",

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from mitmproxy.exceptions import OptionsError
 from mitmproxy.test import taddons, tflow
 
-from replayguard.proxy.addon import MARK_FAILED, MARK_RECOVERED, ReplayGuard, is_websocket_upgrade, upstream_url
+from replayguard.proxy.addon import MARK_FAILED, MARK_RECOVERED, ReplayGuard, is_websocket_upgrade
 
 
 def upgrade_flow(host: str = "api.openai.com", path: str = "/v1/responses", scheme: str = "https"):
@@ -34,14 +32,9 @@ def test_default_rules_load_and_bad_file_is_an_options_error(tmp_path):
         assert addon.rules.source.endswith("rules.yaml")  # the last good rules stay in force
 
 
-def test_upstream_url_and_upgrade_detection():
-    flow = upgrade_flow()
-    assert is_websocket_upgrade(flow.request)
-    assert upstream_url(flow.request) == "wss://api.openai.com:443/v1/responses"
-    flow = upgrade_flow("::1", "/v1/responses?x=1", scheme="http")
-    assert upstream_url(flow.request) == "ws://[::1]:80/v1/responses?x=1"
-    plain = tflow.tflow()
-    assert not is_websocket_upgrade(plain.request)
+def test_upgrade_detection():
+    assert is_websocket_upgrade(upgrade_flow().request)
+    assert not is_websocket_upgrade(tflow.tflow().request)
 
 
 def test_non_matching_flows_are_untouched():
@@ -50,9 +43,26 @@ def test_non_matching_flows_are_untouched():
         tctx.configure(addon)
         for flow in (upgrade_flow(path="/v1/realtime"), tflow.tflow()):
             before = (flow.request.host, flow.request.port, flow.request.scheme, dict(flow.request.headers))
-            asyncio.run(addon.request(flow))
+            addon.request(flow)
+            assert flow.id not in addon.matched
             assert (flow.request.host, flow.request.port, flow.request.scheme, dict(flow.request.headers)) == before
             assert flow.response is None
+
+
+def test_matching_uses_the_name_the_client_used():
+    addon = ReplayGuard()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon)
+        flow = upgrade_flow(host="104.18.33.45")  # transparent mode: the request names the original IP...
+        flow.request.headers["Host"] = "api.openai.com"
+        flow.client_conn.sni = "api.openai.com"  # ...the client named the host in its SNI and Host
+        flow.server_conn.address = ("104.18.33.45", 443)
+        flow.server_conn.sni = None
+        addon.request(flow)
+        match = addon.matched[flow.id]
+        assert match.name == "api.openai.com" and match.path == "/v1/responses"
+        addon.error(flow)
+        assert flow.id not in addon.matched
 
 
 def test_notify_marks_and_comments_the_flow():

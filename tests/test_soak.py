@@ -12,7 +12,8 @@ def test_soak_ci_size_loses_nothing_and_leaves_no_state():
     assert counts.turns == 200 and counts.completed == 200
     assert counts.lost == 0 and counts.abandoned == 0
     assert counts.no_tool_call_found == 0 and counts.unreplayable == 0
-    assert counts.state_left == {"sessions": 0, "pending": 0, "flows": 0, "saved_responses": 0, "retired": 0}
+    assert counts.state_left == {"sessions": 0, "pending": 0, "matched": 0, "flows": 0, "saved_responses": 0,
+                                 "retired": 0}
     # The faults really happened and were really recovered from.
     assert sum(counts.faults.values()) >= 10 and set(counts.faults) >= {"close", "drop", "refuse"}
     assert counts.recoveries > 0

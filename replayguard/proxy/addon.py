@@ -1,10 +1,11 @@
-"""The mitmproxy addon: matches Responses WebSocket upgrades and hands them to the bridge."""
+"""The mitmproxy addon: options, rules, which upgrades are Responses sessions, and opening each session; the
+router (:mod:`replayguard.proxy.routing`) takes a matched flow to the bridge."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,14 @@ from ..core.errors import http_error_body
 from ..core.events import Listener
 from ..core.faults import FaultInjector
 from ..core.redact import redact_url, scrub
-from .bridge import TOKEN_HEADER, Bridge
+from .bridge import Bridge
+from .destination import Destination, destination_of
 from .reporting import FlowNotes, SessionLog
+from .routing import Router
 from .rules import DEFAULT_RULES, Rules, RulesError, load_rules
 from .session import Session
 from .tracing import SessionTrace, TraceWriter
-from .upstream import HandshakeFailed, Target, forwardable
+from .upstream import HandshakeFailed, Target, TlsSettings, forwardable, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +39,13 @@ def is_websocket_upgrade(request: http.Request) -> bool:
     return request.headers.get("upgrade", "").lower() == "websocket"
 
 
-def upstream_url(request: http.Request) -> str:
-    scheme = "wss" if request.scheme == "https" else "ws"
-    host = request.host
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"{scheme}://{host}:{request.port}{request.path}"
+@dataclass(frozen=True, slots=True)
+class Match:
+    """A flow the rules picked: the rules in force then, and the name and path they matched."""
+
+    rules: Rules
+    name: str
+    path: str
 
 
 class ReplayGuard:
@@ -51,7 +55,10 @@ class ReplayGuard:
         self.rules: Rules | None = None
         self.store = ChainStore()
         self.bridge = Bridge()
-        self.flows: dict[str, http.HTTPFlow] = {}
+        self.router = Router(self)
+        self.matched: dict[str, Match] = {}  # flow id -> match, until the router takes the flow
+        self.flows: dict[str, http.HTTPFlow] = {}  # sessions' flows, for mitmweb's marks
+        self.tls = TlsSettings()
         self.trace: TraceWriter | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._rules_seen: tuple[int, int] | None = None  # (mtime_ns, size) of the rules file last loaded or refused
@@ -66,6 +73,7 @@ class ReplayGuard:
             "Write a chain trace (JSON Lines, private to the user) to this file, or to a new file in this "
             "directory (trailing slash or an existing directory). Read it with `python -m replayguard trace FILE`.",
         )
+        self.router.install()  # last in mitmproxy's chain: after every other addon's request hook
 
     def configure(self, updated: set[str]) -> None:
         if "replayguard_rules" in updated or self.rules is None:
@@ -78,22 +86,29 @@ class ReplayGuard:
             log.info("replayguard: rules from %s (policy %s)", rules.source, rules.recovery.policy.value)
         if "replayguard_trace" in updated:
             self._open_trace(ctx.options.replayguard_trace)
+        self.tls = _tls_settings(ctx.options)
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
+        """Which upgrades are Responses sessions, decided on the request as the client sent it (host: the name it
+        used, its SNI or Host, in every mode). The router, last in mitmproxy's chain, takes them from here."""
         request = flow.request
         if flow.response is not None or self.rules is None or not is_websocket_upgrade(request):
             return
-        if not self.rules.matches(request.host, request.path, flow):
-            return
-        rules = self.rules
-        await self.bridge.ensure_started()
+        name = destination_of(flow).name
+        if self.rules.matches(name, request.path, flow):
+            self.matched[flow.id] = Match(self.rules, name, request.path)
+
+    async def open_session(self, flow: http.HTTPFlow, match: Match, destination: Destination) -> Session | None:
+        """Open a session's first upstream connection; on refusal answer the flow and return None."""
+        rules = match.rules
+        request = flow.request
         protocols = request.headers.get("sec-websocket-protocol")
         target = Target(
-            url=upstream_url(request),
-            headers=forwardable(request.headers.items(multi=True), drop=[TOKEN_HEADER]),
+            destination=destination,
+            headers=forwardable(request.headers.items(multi=True)),
             user_agent=request.headers.get("user-agent"),
             subprotocols=[p.strip() for p in protocols.split(",")] if protocols else None,
-            ssl_context=self._ssl_context(),
+            ssl_context=tls_context(self.tls.for_server(destination.server_name)) if destination.secure else None,
             connect_timeout=rules.upstream.connect_timeout,
             max_size=rules.upstream.max_message_size,
         )
@@ -101,7 +116,7 @@ class ReplayGuard:
         if self.trace is not None:
             listeners.append(SessionTrace(self.trace, flow.id, target.headers, rules.trace.bodies))
         listeners += [SessionLog(flow.id), FlowNotes(flow.id, self._notify)]
-        faults = rules.faults_for(request.host, request.path, flow)
+        faults = rules.faults_for(match.name, match.path, flow)
         session = Session(flow.id, target, rules, self.store, listeners, FaultInjector(faults) if faults else None)
         client = flow.client_conn.peername
         try:
@@ -115,29 +130,27 @@ class ReplayGuard:
                         flow.id, redact_url(target.url), scrub(e.detail), flow.response.status_code)
             flow.marked = MARK_FAILED
             flow.comment = f"replayguard: upstream handshake failed: {scrub(e.detail)}"
-            return
-        token = self.bridge.register(session)
+            return None
         self.flows[flow.id] = flow
-        flow.metadata["replayguard_upstream"] = target.url
-        request.headers[TOKEN_HEADER] = token
-        request.scheme = "http"
-        request.host = "127.0.0.1"
-        request.port = self.bridge.port
+        flow.metadata["replayguard_upstream"] = redact_url(target.url)
+        return session
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         self.flows.pop(flow.id, None)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self.bridge.discard(flow.id)
+        self.matched.pop(flow.id, None)
         self.flows.pop(flow.id, None)
 
     def running(self) -> None:
+        self.router.ensure_last()
         if self._watcher is None:
             self._watcher = asyncio.ensure_future(self._watch_rules())
 
     def state_counts(self) -> dict[str, int]:
         """Per-flow state the addon holds right now (all zero once every session ended and resume_ttl passed)."""
-        return {"sessions": len(self.bridge.active), "pending": len(self.bridge.pending), "flows": len(self.flows),
+        return {"sessions": len(self.bridge.active), "pending": len(self.router.routes) + len(self.bridge.expected),
+                "matched": len(self.matched), "flows": len(self.flows),
                 "saved_responses": len(self.store), "retired": self.store.retired}
 
     async def done(self) -> None:
@@ -146,6 +159,8 @@ class ReplayGuard:
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
+        self.router.done()
+        self.router.uninstall()
         await self.bridge.stop()
         if self.trace is not None:
             self.trace.close()
@@ -208,25 +223,6 @@ class ReplayGuard:
             body = http_error_body(status, "upstream_handshake_failed", e.detail)
         return http.Response.make(status, body, {"content-type": "application/json"})
 
-    @staticmethod
-    def _ssl_context() -> ssl.SSLContext:
-        """TLS for the addon's own upstream connections, following mitmproxy's options."""
-        opts = ctx.options
-        cafile = getattr(opts, "ssl_verify_upstream_trusted_ca", None)
-        capath = getattr(opts, "ssl_verify_upstream_trusted_confdir", None)
-        if not cafile and not capath:
-            try:
-                import certifi
-
-                cafile = certifi.where()
-            except ImportError:  # pragma: no cover - certifi comes with mitmproxy
-                pass
-        context = ssl.create_default_context(cafile=cafile or None, capath=capath or None)
-        if getattr(opts, "ssl_insecure", False):
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
-
     def _notify(self, flow_id: str, kind: str, text: str) -> None:
         """Show what happened in mitmweb: a marker and a comment line on the flow."""
         flow = self.flows.get(flow_id)
@@ -239,3 +235,16 @@ class ReplayGuard:
             ctx.master.addons.trigger(UpdateHook([flow]))
         except Exception:  # no master (unit tests) or shutting down
             pass
+
+
+def _tls_settings(options: Any) -> TlsSettings:
+    """mitmproxy's server-side TLS options, for replayguard's own upstream connections."""
+    return TlsSettings(
+        cafile=getattr(options, "ssl_verify_upstream_trusted_ca", None) or None,
+        capath=getattr(options, "ssl_verify_upstream_trusted_confdir", None) or None,
+        insecure=bool(getattr(options, "ssl_insecure", False)),
+        ciphers=getattr(options, "ciphers_server", None) or None,
+        min_version=getattr(options, "tls_version_server_min", "TLS1_2"),
+        max_version=getattr(options, "tls_version_server_max", "UNBOUNDED"),
+        client_cert=getattr(options, "client_certs", None) or None,
+    )

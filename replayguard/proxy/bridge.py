@@ -2,14 +2,14 @@
 matched flow, so the client's connection can outlive any number of upstream connections.
 
 mitmproxy relays (and records) messages between the client and this server; each connection is handed to its
-:class:`~replayguard.proxy.session.Session`, found by the routing token the addon put on the request.
+:class:`~replayguard.proxy.session.Session`, found by the address mitmproxy connects from
+(announced by :mod:`replayguard.proxy.routing`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from http import HTTPStatus
 from typing import Any
 
@@ -19,9 +19,6 @@ from .session import Session
 
 log = logging.getLogger(__name__)
 logging.getLogger("websockets").setLevel(logging.WARNING)  # it logs every frame at DEBUG otherwise
-
-TOKEN_HEADER = "x-replayguard-session"
-PENDING_TTL = 30.0  # seconds a registered session waits for mitmproxy to connect to the bridge
 
 def limit_message_size(ws: ServerConnection, size: int) -> None:
     """Per-connection cap on incoming messages (websockets >= 16 calls it max_message_size, older max_size)."""
@@ -33,13 +30,17 @@ def limit_message_size(ws: ServerConnection, size: int) -> None:
 
 
 class Bridge:
-    """The loopback WebSocket server mitmproxy's matched flows are pointed at."""
+    """The loopback WebSocket server mitmproxy's matched flows are pointed at.
+
+    An incoming connection is handed to the session the router announced for the address it comes from
+    (mitmproxy's own socket for that flow); anything else is refused.
+    """
 
     def __init__(self) -> None:
         self._server: Server | None = None
         self._starting: asyncio.Lock | None = None
         self.port: int = 0
-        self.pending: dict[str, tuple[Session, asyncio.TimerHandle]] = {}
+        self.expected: dict[tuple[str, int], Session] = {}  # mitmproxy's address -> the session it brings
         self.active: set[Session] = set()
 
     async def ensure_started(self) -> int:
@@ -62,35 +63,28 @@ class Bridge:
                 log.debug("replayguard bridge listening on 127.0.0.1:%d", self.port)
         return self.port
 
-    def register(self, session: Session) -> str:
-        token = secrets.token_urlsafe(18)
-        handle = asyncio.get_running_loop().call_later(PENDING_TTL, self._expire, token)
-        self.pending[token] = (session, handle)
-        return token
+    def expect(self, address: tuple[str, int], session: Session) -> None:
+        """mitmproxy is connecting from ``address`` for ``session`` (its request follows)."""
+        self.expected[tuple(address[:2])] = session  # type: ignore[assignment]
 
-    def discard(self, flow_id: str) -> None:
-        """The flow ended before it reached the bridge (client gone, or an error)."""
-        for token, (session, _) in list(self.pending.items()):
-            if session.flow_id == flow_id:
-                self._expire(token)
+    def discard(self, session: Session) -> None:
+        """The session's flow will never reach (or stay on) the bridge: forget it and close it."""
+        for address, expected in list(self.expected.items()):
+            if expected is session:
+                del self.expected[address]
+        if session not in self.active:
+            asyncio.ensure_future(session.close())
 
-    def _expire(self, token: str) -> None:
-        entry = self.pending.pop(token, None)
-        if entry is not None:
-            entry[1].cancel()
-            asyncio.ensure_future(entry[0].close())
-
-    def _session(self, request: Any) -> Session | None:
-        entry = self.pending.get(request.headers.get(TOKEN_HEADER, ""))
-        return entry[0] if entry else None
+    def _session(self, connection: ServerConnection) -> Session | None:
+        return self.expected.get(connection.remote_address[:2])
 
     def _process_request(self, connection: ServerConnection, request: Any) -> Any:
-        if self._session(request) is None:
-            return connection.respond(HTTPStatus.FORBIDDEN, "unknown or expired replayguard session\n")
+        if self._session(connection) is None:
+            return connection.respond(HTTPStatus.FORBIDDEN, "unknown replayguard session\n")
         return None
 
     def _process_response(self, connection: ServerConnection, request: Any, response: Any) -> None:
-        session = self._session(request)
+        session = self._session(connection)
         if session is None or session.upstream is None:
             return
         # Hand the upstream's handshake headers (x-codex-turn-state, request ids, ...) to the client.
@@ -98,19 +92,16 @@ class Bridge:
             response.headers[name] = value
 
     def _select_subprotocol(self, connection: ServerConnection, subprotocols: Any) -> Any:
-        session = self._session(connection.request)
+        session = self._session(connection)
         if session is None or session.upstream is None:
             return None
         return session.upstream.ws.subprotocol
 
     async def _handler(self, ws: ServerConnection) -> None:
-        token = ws.request.headers.get(TOKEN_HEADER, "") if ws.request else ""
-        entry = self.pending.pop(token, None)
-        if entry is None:
+        session = self.expected.pop(ws.remote_address[:2], None)
+        if session is None:
             await ws.close(1008, "unknown replayguard session")
             return
-        session, handle = entry
-        handle.cancel()
         limit_message_size(ws, session.target.max_size)
         self.active.add(session)
         try:
@@ -119,8 +110,8 @@ class Bridge:
             self.active.discard(session)
 
     async def stop(self) -> None:
-        for token in list(self.pending):
-            self._expire(token)
+        for session in list(self.expected.values()):
+            self.discard(session)
         for session in list(self.active):
             await session.close()
         if self._server is not None:

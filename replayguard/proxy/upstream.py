@@ -4,17 +4,20 @@ health of an open one (:class:`Upstream`)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
+import os
 import ssl
 import time
-from dataclasses import dataclass, field
-from typing import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidHandshake, InvalidStatus
+from websockets.exceptions import InvalidHandshake, InvalidProxy, InvalidStatus, InvalidURI
 
 from ..core.redact import redact_url, scrub
+from .destination import Destination, bracket_host
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,61 @@ HOP_HEADERS = frozenset(
 
 _ids = itertools.count(1)
 
+# mitmproxy's tls_version_server_min/max names -> Python's
+_TLS_VERSIONS = {"SSL3": ssl.TLSVersion.SSLv3, "TLS1": ssl.TLSVersion.TLSv1, "TLS1_1": ssl.TLSVersion.TLSv1_1,
+                 "TLS1_2": ssl.TLSVersion.TLSv1_2, "TLS1_3": ssl.TLSVersion.TLSv1_3}
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """mitmproxy's options for its server-side TLS, as they apply to replayguard's own upstream connections."""
+
+    cafile: str | None = None  # ssl_verify_upstream_trusted_ca (default: certifi's bundle, as mitmproxy)
+    capath: str | None = None  # ssl_verify_upstream_trusted_confdir
+    insecure: bool = False  # ssl_insecure
+    ciphers: str | None = None  # ciphers_server
+    min_version: str = "TLS1_2"  # tls_version_server_min
+    max_version: str = "UNBOUNDED"  # tls_version_server_max
+    client_cert: str | None = None  # client_certs: a file, or the <server name>.pem of a directory
+
+    def for_server(self, server_name: str | None) -> "TlsSettings":
+        """The settings with ``client_certs`` resolved for one server name (mitmproxy's file-or-directory rule)."""
+        path = self.client_cert
+        if not path:
+            return self
+        path = os.path.expanduser(path)
+        if os.path.isdir(path):
+            candidate = os.path.join(path, f"{server_name}.pem")
+            path = candidate if server_name and os.path.isfile(candidate) else None
+        return replace(self, client_cert=path)
+
+
+@functools.lru_cache(maxsize=32)
+def tls_context(settings: TlsSettings) -> ssl.SSLContext:
+    """One client SSLContext per distinct settings, built once and shared by every connection that uses them
+    (loading a CA bundle costs milliseconds of event-loop time)."""
+    cafile, capath = settings.cafile, settings.capath
+    if not cafile and not capath:
+        try:
+            import certifi
+
+            cafile = certifi.where()
+        except ImportError:  # pragma: no cover - certifi comes with mitmproxy
+            pass
+    context = ssl.create_default_context(cafile=cafile or None, capath=capath or None)
+    if settings.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if settings.ciphers:
+        context.set_ciphers(settings.ciphers)
+    if settings.min_version in _TLS_VERSIONS:
+        context.minimum_version = _TLS_VERSIONS[settings.min_version]
+    if settings.max_version in _TLS_VERSIONS:
+        context.maximum_version = _TLS_VERSIONS[settings.max_version]
+    if settings.client_cert:
+        context.load_cert_chain(settings.client_cert)
+    return context
+
 
 class HandshakeFailed(Exception):
     """The upstream refused the WebSocket upgrade, or could not be reached."""
@@ -63,7 +121,7 @@ class HandshakeFailed(Exception):
 class Target:
     """Where and how to open upstream connections for one client session."""
 
-    url: str
+    destination: Destination
     headers: list[tuple[str, str]]
     user_agent: str | None = None
     subprotocols: list[str] | None = None
@@ -71,6 +129,10 @@ class Target:
     connect_timeout: float = 10.0
     max_size: int = 64 * 2**20
     turn_state: str | None = None  # sticky-routing token the upstream returned; sent on reconnects
+
+    @property
+    def url(self) -> str:
+        return self.destination.url
 
     def request_headers(self) -> list[tuple[str, str]]:
         headers = [(k, v) for k, v in self.headers if k.lower() != TURN_STATE]
@@ -142,16 +204,29 @@ def forwardable(headers: Iterable[tuple[str, str]], drop: Iterable[str] = ()) ->
 
 async def open_upstream(target: Target) -> Upstream:
     """Open a connection to ``target``; raise HandshakeFailed with the upstream's status when refused."""
-    kwargs = {}
-    if target.url.startswith("wss:"):
+    d = target.destination
+    kwargs: dict[str, Any] = {}
+    if d.secure:
         kwargs["ssl"] = target.ssl_context or ssl.create_default_context()
+        kwargs["server_hostname"] = d.server_name
+    scheme = "wss" if d.secure else "ws"
+    if d.via is not None:
+        # Through the upstream proxy with CONNECT to the address mitmproxy would have asked it for.
+        uri = f"{scheme}://{bracket_host(d.address[0])}:{d.address[1]}{d.path}"
+        kwargs["proxy"] = d.proxy_url
+        if d.via[0] == "https":
+            kwargs["proxy_ssl"] = kwargs.get("ssl") or target.ssl_context or ssl.create_default_context()
+    else:
+        # The Host header is the client's; the TCP connection goes to the address (an IP in transparent mode).
+        uri = f"{scheme}://{d.host_header}{d.path}"
+        kwargs["proxy"] = None  # never follow HTTPS_PROXY: it may point back at mitmproxy itself
+        kwargs["host"], kwargs["port"] = d.address
     try:
         ws = await connect(
-            target.url,
+            uri,
             additional_headers=target.request_headers(),
             user_agent_header=target.user_agent,
             subprotocols=target.subprotocols,  # type: ignore[arg-type]
-            proxy=None,  # never follow HTTPS_PROXY: it may point back at mitmproxy itself
             open_timeout=target.connect_timeout,
             ping_interval=None,  # pings are ours: keepalive pings must not kill long turns
             close_timeout=2,
@@ -167,9 +242,14 @@ async def open_upstream(target: Target) -> Upstream:
             bytes(response.body or b""),
             response.headers.get("Content-Type", ""),
         ) from None
-    except (InvalidHandshake, OSError, asyncio.TimeoutError, EOFError) as e:
+    except (InvalidHandshake, InvalidURI, InvalidProxy, OSError, asyncio.TimeoutError, EOFError, ValueError) as e:
         detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        detail = scrub(detail.replace(target.url, redact_url(target.url)))  # the URL may carry a key
+        for url in (uri, target.url, d.proxy_url or ""):  # a URL may carry a key, a proxy URL a password
+            if url:
+                detail = detail.replace(url, redact_url(url))
+        if d.proxy_auth:
+            detail = detail.replace(d.proxy_auth, "[redacted]")
+        detail = scrub(detail)
         raise HandshakeFailed(f"cannot connect to upstream: {detail}") from None
     upstream = Upstream(ws)
     state = ws.response.headers.get(TURN_STATE) if ws.response is not None else None

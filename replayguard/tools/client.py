@@ -9,18 +9,32 @@ Each turn prints one line; an error event ends the run with exit status 1.
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from websockets.sync.client import connect
 
 TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
 
 
-def run(url: str, turns: int, headers: dict[str, str], store: bool = False, timeout: float = 30) -> int:
+def run(url: str, turns: int, headers: dict[str, str], store: bool = False, timeout: float = 30,
+        connect_to: tuple[str, int] | None = None, cafile: str | None = None, proxy: str | None = None) -> int:
+    """Drive the chain. ``connect_to`` opens the TCP connection to that address while the URL's host is still the
+    name sent in SNI and Host (as curl's --connect-to); ``cafile`` is the CA to trust for wss (mitmproxy's)."""
     previous: str | None = None
     pending_call: dict[str, Any] | None = None
-    with connect(url, additional_headers=headers, max_size=None, open_timeout=timeout) as ws:
+    kwargs: dict[str, Any] = {"proxy": proxy}
+    if url.startswith("wss:"):
+        kwargs["ssl"] = ssl.create_default_context(cafile=cafile)
+    if connect_to is not None:
+        kwargs["sock"] = socket.create_connection(connect_to, timeout=timeout)
+        kwargs.pop("proxy")
+        if url.startswith("wss:"):
+            kwargs["server_hostname"] = urlsplit(url).hostname
+    with connect(url, additional_headers=headers, max_size=None, open_timeout=timeout, **kwargs) as ws:
         for number in range(1, turns + 1):
             if pending_call is not None:
                 new: list[dict[str, Any]] = [{"type": "function_call_output", "call_id": pending_call["call_id"],

@@ -104,7 +104,7 @@ class _Conn:
 
 class FakeUpstream:
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None,
-                 max_size: int = 64 * 2**20) -> None:
+                 max_size: int = 64 * 2**20, expect_name: str | None = None) -> None:
         self.host = host
         self.ssl_context = ssl_context
         self.max_size = max_size
@@ -126,6 +126,10 @@ class FakeUpstream:
         self.stamp_deltas = False  # add "t_ns" (CLOCK_MONOTONIC at send) to deltas, for latency measurements
         self.drop_after_events: int | None = None  # one-shot: cut TCP after this many events of the next response
         self.stall_after_events: int | None = None  # one-shot: go silent after this many events of the next response
+        # A name-checking front end (as api.openai.com's CDN): a handshake whose TLS server name or Host header
+        # names another host is answered 421 Misdirected Request.
+        self.expect_name = expect_name
+        self._sni: dict[int, str | None] = {}  # id(SSLObject) -> the server name the client sent
         self._refuse: list[tuple[int, bytes | None]] = []
         self._stored: dict[str, list[Any]] = {}  # store=true responses, server-wide
         self._tokens: dict[str, int] = {}  # response id -> tokens of its full context and output
@@ -158,6 +162,8 @@ class FakeUpstream:
         return self
 
     async def _start(self) -> None:
+        if self.ssl_context is not None:
+            self.ssl_context.sni_callback = self._on_sni
         self._server = await serve(
             self._handler, self.host, self.port, ssl=self.ssl_context, process_request=self._process_request,
             process_response=self._process_response, ping_interval=None, max_size=self.max_size,
@@ -267,8 +273,28 @@ class FakeUpstream:
         return predicate()
 
     # -- handshake --------------------------------------------------------------------------------
+    def _on_sni(self, ssl_object: Any, server_name: str | None, context: Any) -> None:
+        self._sni[id(ssl_object)] = server_name
+
+    def _peer(self, connection: ServerConnection) -> dict[str, Any]:
+        """Who connected: the peer address and, over TLS, the server name it asked for."""
+        info: dict[str, Any] = {"peer": tuple(connection.remote_address[:2])}
+        ssl_object = connection.transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            info["sni"] = self._sni.get(id(ssl_object))
+        return info
+
     def _process_request(self, connection: ServerConnection, request: Any) -> Response | None:
         headers = {k.lower(): v for k, v in request.headers.raw_items()}
+        peer = self._peer(connection)
+        if self.expect_name is not None:
+            host = headers.get("host", "")
+            host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if host.lower() != self.expect_name or (self.ssl_context is not None and peer.get("sni") != self.expect_name):
+                self.handshakes.append({"conn": None, "path": request.path, "headers": headers, "status": 421, **peer})
+                body = f"misdirected: this is {self.expect_name}, not Host {host!r} / SNI {peer.get('sni')!r}\n"
+                return Response(421, "Misdirected Request", Headers([("Content-Type", "text/plain"),
+                                                                     ("Content-Length", str(len(body)))]), body.encode())
         with self._lock:
             refusal = self._refuse.pop(0) if self._refuse else None
         if refusal is not None:
@@ -276,7 +302,7 @@ class FakeUpstream:
             if body is None:
                 body = json.dumps({"error": {"type": "server_error", "code": None,
                                              "message": f"fake upstream refused with {status}", "param": None}}).encode()
-            self.handshakes.append({"conn": None, "path": request.path, "headers": headers, "status": status})
+            self.handshakes.append({"conn": None, "path": request.path, "headers": headers, "status": status, **peer})
             return Response(status, HTTPStatus(status).phrase,
                             Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body)))]), body)
         return None
@@ -285,7 +311,8 @@ class FakeUpstream:
         cid = next(self._ids)
         connection.fake_id = cid  # type: ignore[attr-defined]
         headers = {k.lower(): v for k, v in request.headers.raw_items()}
-        self.handshakes.append({"conn": cid, "path": request.path, "headers": headers, "status": response.status_code})
+        self.handshakes.append({"conn": cid, "path": request.path, "headers": headers, "status": response.status_code,
+                                **self._peer(connection)})
         response.headers["x-codex-turn-state"] = headers.get("x-codex-turn-state", f"{self.turn_state_prefix}-{cid}")
 
     # -- messages ---------------------------------------------------------------------------------
