@@ -47,7 +47,7 @@ def client(args: argparse.Namespace) -> int:
 
     headers = dict(h.split(":", 1) for h in args.header)
     return run(args.url, args.turns, {k.strip(): v.strip() for k, v in headers.items()}, store=args.store,
-               connect_to=args.connect, cafile=args.cacert, proxy=args.proxy)
+               connect_to=args.connect, cafile=args.cacert, proxy=args.proxy, timeout=args.timeout)
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="open the TCP connection here; the URL's host is still the name sent (SNI, Host)")
     c.add_argument("--cacert", metavar="FILE", help="CA certificate to trust for wss:// (e.g. mitmproxy's)")
     c.add_argument("--proxy", metavar="URL", help="go through this proxy (http://, socks5h://); default: none")
+    c.add_argument("--timeout", type=float, default=30, metavar="SECONDS",
+                   help="for the handshake and for each event (default 30)")
     c.set_defaults(run=client)
     t = commands.add_parser(
         "trace", help="show a chain trace or a mitmproxy flow file as per-session timelines, with a diagnosis",

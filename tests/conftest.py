@@ -109,7 +109,8 @@ def mitm(tmp_path: Path) -> Iterator[Callable[..., Mitmdump]]:
     started: list[Mitmdump] = []
 
     def start(fake: FakeUpstream | None = None, mode: str = "reverse", rules: dict[str, Any] | None = None,
-              args: list[str] | None = None, **sections: dict[str, Any]) -> Mitmdump:
+              args: list[str] | None = None, env: dict[str, str] | None = None, ready: str | None = None,
+              verbosity: str = "info", **sections: Any) -> Mitmdump:
         merged = json.loads(json.dumps(BASE_RULES)) if rules is None else rules
         for name, values in sections.items():
             if isinstance(values, list):
@@ -124,7 +125,7 @@ def mitm(tmp_path: Path) -> Iterator[Callable[..., Mitmdump]]:
         work.mkdir()
         if not any("replayguard_trace=" in a for a in extra):
             extra += ["--set", f"replayguard_trace={work / 'trace.jsonl'}"]  # every scenario is traced
-        proc = Mitmdump(work, extra, merged)
+        proc = Mitmdump(work, extra, merged, env=env, ready=ready, verbosity=verbosity)
         started.append(proc)
         return proc.start()
 

@@ -121,6 +121,7 @@ class FakeUpstream:
         self.silent_next_requests = 0
         self.turn_state_prefix = "ts"
         self.response_delay = 0.0
+        self.handshake_delay = 0.0  # seconds before each handshake is answered (a slow upstream)
         self.reply_deltas: int | None = None  # when set, every text reply streams exactly this many deltas
         self.delta_interval = 0.0  # seconds between text deltas (a paced stream, as a model produces tokens)
         self.stamp_deltas = False  # add "t_ns" (CLOCK_MONOTONIC at send) to deltas, for latency measurements
@@ -284,7 +285,9 @@ class FakeUpstream:
             info["sni"] = self._sni.get(id(ssl_object))
         return info
 
-    def _process_request(self, connection: ServerConnection, request: Any) -> Response | None:
+    async def _process_request(self, connection: ServerConnection, request: Any) -> Response | None:
+        if self.handshake_delay:
+            await asyncio.sleep(self.handshake_delay)
         headers = {k.lower(): v for k, v in request.headers.raw_items()}
         peer = self._peer(connection)
         if self.expect_name is not None:

@@ -17,22 +17,30 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: addon.py, rules.yaml
 
 
-def mitmdump_command() -> list[str]:
-    exe = Path(sys.executable).parent / "mitmdump"
+def mitmdump_command(tool: str = "mitmdump") -> list[str]:
+    """How to run mitmproxy's ``tool`` (mitmdump, mitmweb) from this interpreter's environment."""
+    exe = Path(sys.executable).parent / tool
     if exe.exists():
         return [str(exe)]
-    found = shutil.which("mitmdump")
+    found = shutil.which(tool)
     if found:
         return [found]
-    return [sys.executable, "-c", "from mitmproxy.tools.main import mitmdump; mitmdump()"]
+    return [sys.executable, "-c", f"from mitmproxy.tools.main import {tool}; {tool}()"]
 
 
 class Mitmdump:
     """A real mitmdump subprocess running addon.py, listening on 127.0.0.1 (port 0)."""
 
+    READY = r"listening at 127\.0\.0\.1:(\d+)"
+    TOOL = "mitmdump"
+
     def __init__(self, tmp: Path, args: list[str], rules: dict[str, Any] | None, addon: bool = True,
-                 verbosity: str = "info") -> None:
+                 verbosity: str = "info", env: dict[str, str] | None = None, ready: str | None = None) -> None:
+        """``ready``: the log line that says mitmdump is ready (its group 1, if any, is the listening port);
+        ``env``: variables added to the environment (proxy variables are always removed)."""
         self.tmp = tmp
+        self.extra_env = env or {}
+        self.ready = ready or self.READY
         tmp.mkdir(parents=True, exist_ok=True)
         self.addon = addon
         self.verbosity = verbosity
@@ -46,7 +54,7 @@ class Mitmdump:
         self.port = 0
 
     def command(self) -> list[str]:
-        cmd = mitmdump_command() + [
+        cmd = mitmdump_command(self.TOOL) + [
             "--listen-host", "127.0.0.1", "--listen-port", "0",
             "--set", f"confdir={self.tmp / 'conf'}",
             "--set", "flow_detail=0", "--set", f"termlog_verbosity={self.verbosity}",
@@ -59,6 +67,7 @@ class Mitmdump:
 
     def start(self, timeout: float = 30) -> "Mitmdump":
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        env.update(self.extra_env)
         self.proc = subprocess.Popen(
             self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=self.tmp
         )
@@ -66,9 +75,9 @@ class Mitmdump:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for line in list(self.lines):
-                m = re.search(r"listening at 127\.0\.0\.1:(\d+)", line)
+                m = re.search(self.ready, line)
                 if m:
-                    self.port = int(m.group(1))
+                    self.port = int(m.group(1)) if m.groups() else 0
                     return self
             if self.proc.poll() is not None:
                 time.sleep(0.2)
