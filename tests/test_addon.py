@@ -6,7 +6,7 @@ import pytest
 from mitmproxy.exceptions import OptionsError
 from mitmproxy.test import taddons, tflow
 
-from replayguard.proxy.addon import MARK_FAILED, MARK_RECOVERED, ReplayGuard, is_websocket_upgrade
+from replayguard.proxy.addon import ReplayGuard, is_websocket_upgrade
 
 
 def upgrade_flow(host: str = "api.openai.com", path: str = "/v1/responses", scheme: str = "https"):
@@ -63,21 +63,3 @@ def test_matching_uses_the_name_the_client_used():
         assert match.name == "api.openai.com" and match.path == "/v1/responses"
         addon.error(flow)
         assert flow.id not in addon.matched
-
-
-def test_notify_marks_and_comments_the_flow():
-    addon = ReplayGuard()
-    with taddons.context(addon):
-        flow = upgrade_flow()
-        addon.flows[flow.id] = flow
-        addon._notify(flow.id, "recovered", "turn 2: upstream closed -> replay")
-        assert flow.marked == MARK_RECOVERED
-        assert flow.comment == "replayguard: turn 2: upstream closed -> replay"
-        addon._notify(flow.id, "failed", "turn 3: orphan -> failed closed")
-        assert flow.marked == MARK_FAILED
-        assert flow.comment.splitlines() == [
-            "replayguard: turn 2: upstream closed -> replay",
-            "replayguard: turn 3: orphan -> failed closed",
-        ]
-        addon.websocket_end(flow)
-        assert flow.id not in addon.flows

@@ -65,7 +65,7 @@ def test_healthy_tool_chain_trace(fake, mitm, tmp_path):
     session = recs[0]["session"]
     assert all(r["session"] == session for r in recs)
     assert [r["event"] for r in recs] == ["session.start", "handshake", "turn.start", "turn.end", "turn.start",
-                                         "turn.end", "session.end"]
+                                         "turn.end", "upstream.closed", "session.end"]
     start = recs[0]
     assert start["url"] == f"ws://127.0.0.1:{fake.port}/v1/responses" and start["schema"] == 1
     hs = recs[1]
@@ -76,6 +76,8 @@ def test_healthy_tool_chain_trace(fake, mitm, tmp_path):
     assert hs["headers"]["openai-beta"] == "responses_websockets=2026-02-06"
     assert hs["response_headers"]["x-codex-turn-state"] == "ts-1"
     assert "x-codex-turn-state" not in hs["headers"]  # what was sent, not what was learned
+    closed = recs[6]
+    assert closed["conn"] == hs["conn"] and closed["code"] == 1000  # replayguard closed it as the client left
     t1, e1, t2, e2 = recs[2:6]
     assert t1["turn"] == 1 and t1["model"] == "m" and t1["store"] is False and t1["previous_response_id"] is None
     assert t1["input"] == [{"type": "message", "role": "user", "text": "please run TOOL ls"}]
@@ -86,7 +88,7 @@ def test_healthy_tool_chain_trace(fake, mitm, tmp_path):
     assert t2["previous_response_id"] == r1["id"]
     assert t2["input"] == [{"type": "function_call_output", "call_id": call["call_id"], "text": "file.txt"}]
     assert e2["response_id"] == r2["id"] and e2["previous_response_id"] == r1["id"]
-    end = recs[6]
+    end = recs[7]
     assert end["turns_completed"] == 2 and end["turns_failed"] == 0 and end["recoveries"] == 0
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert_no_secret(path, proxy)

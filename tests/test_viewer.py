@@ -132,9 +132,15 @@ def shape(sessions: list[Any]) -> list[tuple[Any, ...]]:
             for view in sessions for t in view.turns]
 
 
-def test_flow_file_rebuilds_the_same_chain_as_the_live_trace(fake, mitm, tmp_path):
+def timeline(view: Any) -> list[str]:
+    return [line for _, line in sorted(view.timeline, key=lambda e: e[0])]
+
+
+def test_flow_file_rebuilds_the_same_timeline_as_the_live_trace(fake, mitm, tmp_path):
+    """Turns, recoveries, faults, upstream connections: the flow file alone tells the same story as the trace."""
     flows = tmp_path / "flows.mitm"
-    proxy = mitm(fake, args=["-w", str(flows)])
+    proxy = mitm(fake, args=["-w", str(flows)], faults=[
+        {"kind": "error", "error": "previous_response_not_found", "after_turn": 2}])
     client = Client(proxy.url + "/v1/responses")
     r1 = completed(client.turn({"model": "m", "store": False, "input": [user("please run TOOL ls")]}))
     fc = next(i for i in r1["output"] if i["type"] == "function_call")
@@ -142,24 +148,34 @@ def test_flow_file_rebuilds_the_same_chain_as_the_live_trace(fake, mitm, tmp_pat
     proxy.wait_log(r"lost while idle")
     r2 = completed(client.turn({"model": "m", "store": False, "previous_response_id": r1["id"],
                                 "input": [{"type": "function_call_output", "call_id": fc["call_id"], "output": "x"}]}))
+    r3 = completed(client.turn({"model": "m", "store": False, "previous_response_id": r2["id"],
+                                "input": [user("and now?")]}))
     client.close()
     trace = proxy.tmp / "trace.jsonl"
     records(trace, until="session.end")
     live, _ = load(trace)
     proxy.stop()
     from_flows = records_from_flows(flows)
-    assert len(shape(build_sessions(live))) == 2
-    assert shape(build_sessions(from_flows)) == shape(build_sessions(live))
-    assert [v.id for v in build_sessions(from_flows)] == [v.id for v in build_sessions(live)]
+    (live_view,), (flow_view,) = build_sessions(live), build_sessions(from_flows)
+    assert len(shape([live_view])) == 3 and shape([flow_view]) == shape([live_view])
+    assert flow_view.id == live_view.id
+    assert live_view.recoveries == flow_view.recoveries == 2  # the close, then the swallowed not_found
+    assert timeline(flow_view) == timeline(live_view)
+    assert any("⚡ injected fault" in line for line in timeline(flow_view))
+    assert any("upstream #2 opened (recovery)" in line for line in timeline(flow_view))
+    assert any("upstream #1 closed" in line for line in timeline(flow_view))
+    assert [t.replayed_input for t in flow_view.turns] == [t.replayed_input for t in live_view.turns]
     result = subprocess.run([sys.executable, "-m", "replayguard", "trace", str(flows)], capture_output=True,
                             text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert f"turn 2   {r2['id']} <- turn 1  completed" in result.stdout
+    assert f"turn 3   {r3['id']} <- turn 2  completed" in result.stdout
+    assert "3 turns (3 completed), 2 recoveries" in result.stdout
     assert f"{fc['call_id']}: called in turn 1 output, answered in turn 2 input  [paired]" in result.stdout
     assert f"ws://127.0.0.1:{fake.port}/v1/responses  [flow]" in result.stdout
-    live_view = subprocess.run([sys.executable, "-m", "replayguard", "trace", str(trace)], capture_output=True,
+    live_text = subprocess.run([sys.executable, "-m", "replayguard", "trace", str(trace)], capture_output=True,
                                text=True, timeout=60, cwd=ROOT).stdout
-    assert "upstream #1 lost while idle: upstream closed" in live_view and "↻ turn 2 replayed on upstream #2" in live_view
+    assert "upstream #1 lost while idle: upstream closed" in live_text and "↻ turn 2 replayed on upstream #2" in live_text
 
 
 def test_flow_file_diagnoses_the_orphaned_call(fake, mitm, tmp_path):

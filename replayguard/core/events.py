@@ -35,6 +35,10 @@ class Handshake:
     response_headers: list[tuple[str, str]] | None = None
     error: str | None = None
     injected: bool = False  # refused on purpose by a fault rule
+    peer: tuple[str, int] | None = None  # the address the connection reached (the proxy's, through one)
+    local: tuple[str, int] | None = None  # replayguard's end of it
+    tls: dict[str, Any] | None = None  # version, cipher, sni of an accepted TLS connection
+    certificate: bytes | None = None  # the upstream's certificate (DER), for what mitmweb shows
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,16 @@ class UpstreamLost:
     detail: Any  # text, or the upstream's error fields when an error event finished the connection
     turn: int | None  # the turn in flight on it, None when idle
     by_error: bool = False  # an upstream error event finished it (it was swallowed, not forwarded)
+    raw: str | None = None  # that error event as the upstream sent it
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamClosed:
+    """An upstream connection is gone, for whatever reason (replaced, rotated, lost, the session ended)."""
+
+    conn: int
+    code: int | None  # the close code, None when the connection was dropped without one
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +92,7 @@ class Recovered:
     body: dict[str, Any] | None  # the replayed request; None when the turn was resent unchanged
     size: int  # bytes sent
     detail: str = ""
+    sent: str = ""  # exactly what went upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +137,8 @@ class SessionEnded:
     reason: str
 
 
-Event = Union[SessionStarted, Handshake, TurnStarted, TurnEnded, UpstreamLost, Recovered, FailedClosed, FaultFired,
-              FaultApplied, ChainEvicted, SessionEnded]
+Event = Union[SessionStarted, Handshake, TurnStarted, TurnEnded, UpstreamLost, UpstreamClosed, Recovered, FailedClosed,
+              FaultFired, FaultApplied, ChainEvicted, SessionEnded]
 Listener = Callable[[Event], None]
 
 

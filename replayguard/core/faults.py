@@ -54,6 +54,7 @@ class FaultRule:
     seconds: float = 1.0  # delay
     match: Any = None  # a rules.MatchRule scoping the fault to some flows, or None for all
     line: int | None = None  # where in rules.yaml, for logs and traces
+    origin: str | None = None  # what else made it, when not rules.yaml (e.g. "command")
     rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -74,8 +75,9 @@ class FaultRule:
             FaultKind.ERROR: f"answer next turn with {self.error.value}",
             FaultKind.DELAY: f"delay next turn's first frame {self.seconds:g}s",
         }[self.kind]
-        where = f" (rules line {self.line})" if self.line is not None else ""
-        return what + where
+        if self.line is not None:
+            return f"{what} (rules line {self.line})"
+        return f"{what} ({self.origin})" if self.origin else what
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,11 +113,16 @@ class FaultInjector:
             elif rule.after_turn != completed:
                 continue
             self.fired[index] = fired + 1
-            self._arm(rule)
+            self.arm(rule)
             out.append(Fired(rule, completed))
         return out
 
-    def _arm(self, rule: FaultRule) -> None:
+    def fire_now(self, rule: FaultRule, completed: int) -> Fired:
+        """A fault asked for on a live session (not by a rule's schedule): armed now, as if it fired."""
+        self.arm(rule)
+        return Fired(rule, completed)
+
+    def arm(self, rule: FaultRule) -> None:
         if rule.kind is FaultKind.REFUSE:
             self.refusals.extend([rule.status] * rule.count)
         elif rule.kind is FaultKind.ERROR:

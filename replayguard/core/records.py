@@ -4,12 +4,13 @@ Records (``event`` field; every record also has ``ts`` (Unix seconds) and ``sess
 
 - ``session.start``  url, client
 - ``handshake``      conn, url, purpose (open/reconnect/recovery), ok, status, ms, headers (redacted),
-                     response_headers, error
+                     response_headers, peer and local (addresses), tls (version, cipher, sni); error, injected
 - ``turn.start``     turn, conn, model, store, generate, previous_response_id, input (item summaries), bytes,
                      rewritten (the request was rebuilt from the chain state), body (with trace.bodies=full)
 - ``turn.end``       turn, conn, status, response_id, previous_response_id, output (item summaries), usage, ms,
                      error (code, message, param) for a failed turn
 - ``upstream.lost``  conn, how, detail, turn (the turn in flight, or null when idle)
+- ``upstream.closed`` conn, code (null: dropped without a close frame), reason
 - ``recovery``       turn, trigger, action, from_conn, to_conn, removed_previous_response_id, items, bytes,
                      input (summaries of the input sent)
 - ``fail_close``     turn, reason, error (the event sent to the client), close_code, close_reason
@@ -30,9 +31,13 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
+
+from . import events as ev
+from .redact import redact_headers
 
 SCHEMA = 1
+FLOW_RECORD = "replayguard."  # a flow message whose JSON "type" starts so is a record replayguard kept in the flow
 PREVIEW_CHARS = 80
 
 
@@ -114,6 +119,23 @@ def error_fields(event: Mapping[str, Any]) -> dict[str, Any]:
             "param": error.get("param")}
 
 
+def records_in_flow(messages: Iterable[Any]) -> list[dict[str, Any]]:
+    """The records replayguard kept among a flow's WebSocket messages (``injected``, JSON typed
+    ``replayguard.<record>``), in order; the client's own messages are not records."""
+    head = ('{"type": "' + FLOW_RECORD).encode()
+    out = []
+    for message in messages:
+        if not getattr(message, "injected", False) or not message.content.startswith(head):
+            continue
+        try:
+            record = json.loads(message.content)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("event"), str):
+            out.append(record)
+    return out
+
+
 def read_records(lines: Iterable[str]) -> tuple[list[dict[str, Any]], list[int]]:
     """Parse trace lines; returns (records, numbers of lines that were not whole records)."""
     records: list[dict[str, Any]] = []
@@ -132,3 +154,116 @@ def read_records(lines: Iterable[str]) -> tuple[list[dict[str, Any]], list[int]]
         else:
             bad.append(number)
     return records, bad
+
+
+# -- session events as records ----------------------------------------------------------------------
+Record = tuple[str, dict[str, Any]]  # (event name, fields)
+
+
+def record_of(event: ev.Event, bodies: Bodies = Bodies.SUMMARY) -> Record | None:
+    """The trace record for a session event (None for events the trace does not keep)."""
+    build = _BUILDERS.get(type(event))
+    return build(event, bodies) if build is not None else None
+
+
+def _session_started(e: ev.SessionStarted, bodies: Bodies) -> Record:
+    return "session.start", {"schema": SCHEMA, "url": e.url, "client": e.client}
+
+
+def _handshake(e: ev.Handshake, bodies: Bodies) -> Record:
+    fields: dict[str, Any] = {"conn": e.conn, "url": e.url, "purpose": e.purpose, "ok": e.ok, "status": e.status,
+                              "ms": e.ms, "headers": redact_headers(e.headers)}
+    if e.ok:
+        fields["response_headers"] = redact_headers(e.response_headers or ())
+        fields["peer"] = list(e.peer) if e.peer else None
+        fields["local"] = list(e.local) if e.local else None
+        if e.tls is not None:
+            fields["tls"] = e.tls
+    else:
+        fields["error"] = e.error
+        fields["injected"] = e.injected
+    return "handshake", fields
+
+
+def _turn_started(e: ev.TurnStarted, bodies: Bodies) -> Record:
+    return "turn.start", {"turn": e.turn.number, "conn": e.conn, **turn_start_fields(e.turn.request, e.size, bodies)}
+
+
+def _turn_ended(e: ev.TurnEnded, bodies: Bodies) -> Record:
+    turn = e.turn
+    fields: dict[str, Any] = {"turn": turn.number, "conn": e.conn, "status": turn.status,
+                              "response_id": turn.response_id, "previous_response_id": turn.previous_id,
+                              "output": [summarize_item(i, bodies) for i in turn.outputs], "ms": e.ms}
+    event = e.event
+    response = event.get("response") if event is not None else None
+    if isinstance(response, dict) and isinstance(response.get("usage"), dict):
+        fields["usage"] = response["usage"]
+    if event is not None and event.get("type") == "error":
+        fields["error"] = error_fields(event)
+    if e.reason is not None:
+        fields["reason"] = e.reason
+    if bodies is Bodies.FULL and turn.outputs:
+        fields["output_items"] = turn.outputs
+    return "turn.end", fields
+
+
+def _upstream_lost(e: ev.UpstreamLost, bodies: Bodies) -> Record:
+    return "upstream.lost", {"conn": e.conn, "how": e.how, "detail": e.detail, "turn": e.turn}
+
+
+def _upstream_closed(e: ev.UpstreamClosed, bodies: Bodies) -> Record:
+    return "upstream.closed", {"conn": e.conn, "code": e.code, "reason": e.reason}
+
+
+def _recovered(e: ev.Recovered, bodies: Bodies) -> Record:
+    turn, body = e.turn, e.body
+    fields: dict[str, Any] = {
+        "turn": turn.number, "trigger": e.trigger, "action": e.decision.action, "from_conn": e.from_conn,
+        "to_conn": e.to_conn, "removed_previous_response_id": turn.previous_id if body is not None else None,
+        "items": len(body["input"]) if body is not None else len(turn.new_items), "bytes": e.size,
+        "attempt": turn.attempts,
+    }
+    if body is not None:
+        fields["input"] = summarize_items(body["input"])
+        if bodies is Bodies.FULL:
+            fields["body"] = body
+    return "recovery", fields
+
+
+def _failed_closed(e: ev.FailedClosed, bodies: Bodies) -> Record:
+    d = e.decision
+    return "fail_close", {"turn": e.turn.number if e.turn is not None else None, "reason": d.reason,
+                          "error": d.error, "close_code": d.close_code, "close_reason": d.close_reason}
+
+
+def _fault_fired(e: ev.FaultFired, bodies: Bodies) -> Record:
+    rule = e.fired.rule
+    return "fault", {"phase": "fired", "kind": rule.kind, "detail": rule.describe(), "turn": e.fired.after_turn,
+                     "conn": e.conn, "rule_line": rule.line, "origin": rule.origin, "injected": True}
+
+
+def _fault_applied(e: ev.FaultApplied, bodies: Bodies) -> Record | None:
+    if e.kind == "refuse":
+        return None  # the refused handshake's own record says injected
+    return "fault", {"phase": "applied", "kind": e.kind, "detail": e.detail, "turn": e.turn, "conn": e.conn,
+                     "injected": True}
+
+
+def _session_ended(e: ev.SessionEnded, bodies: Bodies) -> Record:
+    return "session.end", {"turns_completed": e.completed, "turns_failed": e.failed, "recoveries": e.recoveries,
+                           "reason": e.reason}
+
+
+_BUILDERS: dict[type, Callable[[Any, Bodies], Record | None]] = {
+    ev.SessionStarted: _session_started,
+    ev.Handshake: _handshake,
+    ev.TurnStarted: _turn_started,
+    ev.TurnEnded: _turn_ended,
+    ev.UpstreamLost: _upstream_lost,
+    ev.UpstreamClosed: _upstream_closed,
+    ev.Recovered: _recovered,
+    ev.FailedClosed: _failed_closed,
+    ev.FaultFired: _fault_fired,
+    ev.FaultApplied: _fault_applied,
+    ev.SessionEnded: _session_ended,
+}

@@ -11,7 +11,6 @@ from typing import Any
 
 from mitmproxy import ctx, http
 from mitmproxy.exceptions import OptionsError
-from mitmproxy.hooks import UpdateHook
 
 from ..core.chain import ChainStore
 from ..core.errors import http_error_body
@@ -19,8 +18,10 @@ from ..core.events import Listener
 from ..core.faults import FaultInjector
 from ..core.redact import redact_url, scrub
 from .bridge import Bridge
+from .commands import SessionCommands
 from .destination import Destination, destination_of
-from .reporting import FlowNotes, SessionLog
+from .flowview import MARK_FAILED, FlowView
+from .reporting import SessionLog
 from .routing import Router
 from .rules import DEFAULT_RULES, Rules, RulesError, load_rules
 from .session import Session
@@ -30,13 +31,19 @@ from .upstream import HandshakeFailed, Target, TlsSettings, forwardable, tls_con
 log = logging.getLogger(__name__)
 
 RULES_POLL_SECONDS = 1.0
-MARK_RECOVERED = ":recycle:"
-MARK_FAILED = ":no_entry:"
-MARK_FAULT = ":zap:"
+SESSION_CLOSE_WAIT = 3.0  # seconds websocket_end waits for a session to finish closing
 
 
 def is_websocket_upgrade(request: http.Request) -> bool:
     return request.headers.get("upgrade", "").lower() == "websocket"
+
+
+@dataclass(frozen=True, slots=True)
+class Live:
+    """A live session and the view of it its flow keeps."""
+
+    session: Session
+    view: FlowView
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +63,9 @@ class ReplayGuard:
         self.store = ChainStore()
         self.bridge = Bridge()
         self.router = Router(self)
+        self.addons = [SessionCommands(self)]  # mitmproxy registers these beside the addon
         self.matched: dict[str, Match] = {}  # flow id -> match, until the router takes the flow
-        self.flows: dict[str, http.HTTPFlow] = {}  # sessions' flows, for mitmweb's marks
+        self.flows: dict[str, Live] = {}  # live sessions, by flow id
         self.tls = TlsSettings()
         self.trace: TraceWriter | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -115,7 +123,8 @@ class ReplayGuard:
         listeners: list[Listener] = []
         if self.trace is not None:
             listeners.append(SessionTrace(self.trace, flow.id, target.headers, rules.trace.bodies))
-        listeners += [SessionLog(flow.id), FlowNotes(flow.id, self._notify)]
+        view = FlowView(flow, destination, rules.trace.bodies)
+        listeners += [SessionLog(flow.id), view]
         faults = rules.faults_for(match.name, match.path, flow)
         session = Session(flow.id, target, rules, self.store, listeners, FaultInjector(faults) if faults else None)
         client = flow.client_conn.peername
@@ -131,12 +140,21 @@ class ReplayGuard:
             flow.marked = MARK_FAILED
             flow.comment = f"replayguard: upstream handshake failed: {scrub(e.detail)}"
             return None
-        self.flows[flow.id] = flow
+        self.flows[flow.id] = Live(session, view)
         flow.metadata["replayguard_upstream"] = redact_url(target.url)
         return session
 
-    def websocket_end(self, flow: http.HTTPFlow) -> None:
-        self.flows.pop(flow.id, None)
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        live = self.flows.get(flow.id)
+        if live is not None:
+            live.view.attach()
+
+    async def websocket_end(self, flow: http.HTTPFlow) -> None:
+        live = self.flows.pop(flow.id, None)
+        if live is not None:
+            # The session closes its upstream side as the client leaves; its last records (the connection closed,
+            # the session's end) belong in the flow, which mitmproxy saves right after this hook (-w, mitmweb).
+            await live.session.wait_closed(SESSION_CLOSE_WAIT)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.matched.pop(flow.id, None)
@@ -222,19 +240,6 @@ class ReplayGuard:
         else:
             body = http_error_body(status, "upstream_handshake_failed", e.detail)
         return http.Response.make(status, body, {"content-type": "application/json"})
-
-    def _notify(self, flow_id: str, kind: str, text: str) -> None:
-        """Show what happened in mitmweb: a marker and a comment line on the flow."""
-        flow = self.flows.get(flow_id)
-        if flow is None:
-            return
-        flow.marked = {"failed": MARK_FAILED, "recovered": MARK_RECOVERED}.get(kind, MARK_FAULT)
-        line = f"replayguard: {text}"
-        flow.comment = f"{flow.comment}\n{line}" if flow.comment else line
-        try:
-            ctx.master.addons.trigger(UpdateHook([flow]))
-        except Exception:  # no master (unit tests) or shutting down
-            pass
 
 
 def _tls_settings(options: Any) -> TlsSettings:

@@ -19,7 +19,7 @@ from .upstream import Upstream
 # Faults carried out on an open upstream connection (the others are armed in the injector).
 CONNECTION_FAULTS = frozenset({FaultKind.CLOSE, FaultKind.DROP, FaultKind.BLACKHOLE})
 
-Spawn = Callable[[Coroutine[Any, Any, Any]], None]
+Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
 
 
 class FaultActions:

@@ -28,7 +28,7 @@ from .upstream import HandshakeFailed, Target, Upstream, ms_since, open_upstream
 
 log = logging.getLogger(__name__)
 
-Spawn = Callable[[Coroutine[Any, Any, Any]], None]
+Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
 
 
 class LinkOwner(Protocol):
@@ -54,6 +54,7 @@ class UpstreamLink:
         self.spawn = spawn
         self.faults = faults
         self.current: Upstream | None = None
+        self._reader: asyncio.Task[Any] | None = None  # the current connection's reader
 
     # -- connections ------------------------------------------------------------------------------
     async def open(self, purpose: str) -> Upstream:
@@ -73,13 +74,14 @@ class UpstreamLink:
                                    injected=refusal is not None))
             raise
         self.emit(ev.Handshake(url, purpose, conn.id, True, 101, ms_since(started), sent,
-                               response_headers=list(conn.response_headers())))
+                               response_headers=list(conn.response_headers()), peer=conn.peer, local=conn.local,
+                               tls=conn.tls_info(), certificate=conn.certificate()))
         return conn
 
     def start(self, conn: Upstream) -> None:
         """Make ``conn`` the current connection and read it."""
         self.current = conn
-        self.spawn(self._read(conn))
+        self._reader = self.spawn(self._read(conn))
 
     def replace(self, conn: Upstream) -> None:
         """A fresh connection takes over; the old one is closed in the background."""
@@ -101,10 +103,13 @@ class UpstreamLink:
             self.declare_dead(conn, Trigger.CLOSED, "closed while sending")
 
     async def close(self, reason: str) -> None:
+        """Close the current connection and let its reader finish (it reports the connection closed)."""
         conn = self.current
         if conn is not None:
             conn.lost = conn.lost or reason
             await conn.close(1000, "client went away")
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            await asyncio.wait([self._reader], timeout=2)
 
     # -- liveness ---------------------------------------------------------------------------------
     async def preflight(self, turn: Turn) -> Trigger | None:
@@ -182,3 +187,6 @@ class UpstreamLink:
                 self.declare_dead(conn, Trigger.DROPPED, "no close frame (TCP dropped)")
             else:
                 self.declare_dead(conn, Trigger.CLOSED, f"close code {ws.close_code} {ws.close_reason or ''}".strip())
+            why = conn.lost.value if isinstance(conn.lost, Trigger) else str(conn.lost)
+            self.emit(ev.UpstreamClosed(conn.id, ws.close_code if ws.protocol.close_rcvd is not None else None,
+                                        ws.close_reason or why))

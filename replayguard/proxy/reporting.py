@@ -1,18 +1,15 @@
-"""What a person watching mitmdump or mitmweb is told about a session: one log line per recovery, loss, fault
-and fail-close, and in mitmweb a marker and a comment line on the flow."""
+"""What a person watching mitmdump is told about a session: one log line per recovery, loss, fault and fail-close
+(what mitmweb shows is :mod:`replayguard.proxy.flowview`'s)."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any
 
 from ..core import events as ev
 from ..core.recovery import Trigger
 
 log = logging.getLogger(__name__)
-
-# notify(flow id, kind, text): kind is "recovered", "failed" or "info"
-Notify = Callable[[str, str, str], None]
 
 
 class SessionLog:
@@ -78,26 +75,3 @@ _LOG: dict[type, Any] = {
     ev.FaultApplied: SessionLog._fault_applied,
     ev.ChainEvicted: SessionLog._chain_evicted,
 }
-
-
-class FlowNotes:
-    """Recoveries, fail-closes and injected faults as mitmweb markers and comment lines on the session's flow."""
-
-    def __init__(self, flow_id: str, notify: Notify) -> None:
-        self.flow_id = flow_id
-        self.notify = notify
-
-    def __call__(self, event: ev.Event) -> None:
-        if isinstance(event, ev.Recovered):
-            turn = event.turn
-            if event.trigger is Trigger.RESUME:
-                self.notify(self.flow_id, "recovered", f"turn {turn.number}: resumed {turn.previous_id} from chain state")
-            elif event.trigger is not Trigger.ROTATION:
-                self.notify(self.flow_id, "recovered",
-                            f"turn {turn.number}: {event.trigger.value} -> {event.decision.action.value}")
-        elif isinstance(event, ev.FailedClosed):
-            number = event.turn.number if event.turn is not None else "-"
-            self.notify(self.flow_id, "failed", f"turn {number}: {event.decision.reason} -> failed closed")
-        elif isinstance(event, ev.FaultFired):
-            self.notify(self.flow_id, "info",
-                        f"injected fault after turn {event.fired.after_turn}: {event.fired.rule.describe()}")

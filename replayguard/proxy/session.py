@@ -21,12 +21,12 @@ from websockets.exceptions import ConnectionClosed
 
 from ..core import events as ev
 from ..core.chain import Chain, ChainStore, RequestError, Turn
-from ..core.faults import FaultInjector
+from ..core.faults import FaultInjector, FaultRule
 from ..core.messages import is_delta
 from ..core.records import error_fields
 from ..core.recovery import Action, Decision, Situation, Trigger, decide, handshake_failed
 from ..core.redact import redact_url
-from .injection import FaultActions
+from .injection import CONNECTION_FAULTS, FaultActions
 from .link import UpstreamLink
 from .rules import Rules
 from .upstream import HandshakeFailed, Target, Upstream, ms_since
@@ -47,6 +47,7 @@ class Session:
         self.client: ServerConnection | None = None
         self.closed = False
         self.recoveries = 0
+        self.last_recovery: str | None = None  # for replayguard.sessions
         self._lock = asyncio.Lock()  # one writer of the upstream side at a time
         self._tasks: set[asyncio.Task[Any]] = set()
         self._inflight: tuple[Turn, Upstream] | None = None  # the turn in flight and where it was sent
@@ -54,6 +55,7 @@ class Session:
         self._turn_t0 = 0.0  # when the turn in flight was sent by the client
         self._failed_closed: Decision | None = None
         self._turn_ended = asyncio.Event()  # set whenever the turn in flight ends
+        self._finished = asyncio.Event()  # set when close() is done
 
     @property
     def upstream(self) -> Upstream | None:
@@ -97,16 +99,25 @@ class Session:
         self._turn_ended.set()
         if aborted is not None:
             self.emit(ev.TurnEnded(aborted, None, None, ev.CLIENT_LEFT, ms_since(self._turn_t0)))
-        self.emit(ev.SessionEnded(self.chain.completed, self.chain.failed, self.recoveries, self._end_reason()))
+        self._retire_chain()
+        await self.link.close("session closed")  # stops a response still being generated
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current:
                 task.cancel()
-        self._retire_chain()
-        await self.link.close("session closed")
+        self.emit(ev.SessionEnded(self.chain.completed, self.chain.failed, self.recoveries, self._end_reason()))
         if self.client is not None:
             await self._close_client(1000, "")
         self._inflight = None
+        self._finished.set()
+
+    async def wait_closed(self, timeout: float) -> bool:
+        """Wait until the session has closed (True), or ``timeout`` seconds (False)."""
+        try:
+            await asyncio.wait_for(self._finished.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def _retire_chain(self) -> None:
         """The session's replay state stays resumable for limits.resume_ttl seconds, then it is freed."""
@@ -124,11 +135,32 @@ class Session:
         else:
             asyncio.get_running_loop().call_later(ttl + 0.01, sweep)
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def inject(self, rule: FaultRule) -> None:
+        """A fault asked for now (a mitmproxy command), carried out like one a rule fired."""
+        if self.faults is None:
+            self.faults = FaultActions(FaultInjector([]), self.emit, self.spawn)
+            self.link.faults = self.faults
+        fired = self.faults.injector.fire_now(rule, self.chain.completed)
+        self.faults.fire(fired, self.upstream if rule.kind in CONNECTION_FAULTS else None)
+
+    def describe(self) -> str:
+        """One line for replayguard.sessions."""
+        conn = self.upstream
+        upstream = "no upstream connection"
+        if conn is not None:
+            state = "alive" if conn.alive else f"lost: {getattr(conn.lost, 'value', conn.lost)}"
+            upstream = f"upstream #{conn.id} ({state}, {conn.age():.0f}s old)"
+        turn = self.chain.turn
+        turns = f"{self.chain.completed} turns completed" + (f", turn {turn.number} in flight" if turn else "")
+        last = f"; last recovery: {self.last_recovery}" if self.last_recovery else ""
+        return f"{self.flow_id}  {self.target.url}  {turns}; {upstream}; {self.recoveries} recoveries{last}"
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run ``coro`` as one of this session's tasks (cancelled when the session closes)."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _end_reason(self) -> str:
         if self._failed_closed is not None:
@@ -201,7 +233,8 @@ class Session:
         body = turn.replay_request()
         payload = json.dumps(body)
         conn = self.upstream.id if self.upstream is not None else None
-        self.emit(ev.Recovered(turn, Trigger.RESUME, decision, conn, conn, body, len(payload)))
+        self.last_recovery = f"turn {turn.number}: resumed {turn.previous_id} from chain state"
+        self.emit(ev.Recovered(turn, Trigger.RESUME, decision, conn, conn, body, len(payload), sent=payload))
         return payload
 
     async def _usable_upstream(self) -> Upstream | None:
@@ -253,7 +286,7 @@ class Session:
             if not isinstance(event, dict):
                 await self._to_client(message)
                 return
-            if event.get("type") == "error" and self._swallow_error(conn, event, turn if inflight else None):
+            if event.get("type") == "error" and self._swallow_error(conn, event, turn if inflight else None, message):
                 return
             result = self.chain.on_event(event, len(message))
         if turn is not None and inflight:
@@ -269,7 +302,7 @@ class Session:
                 self.emit(ev.ChainEvicted(result.turn.number, result.evicted_bytes, self.chain.max_chain_bytes,
                                           result.evicted_records))
 
-    def _swallow_error(self, conn: Upstream, event: dict[str, Any], turn: Turn | None) -> bool:
+    def _swallow_error(self, conn: Upstream, event: dict[str, Any], turn: Turn | None, raw: str) -> bool:
         """Errors that mean 'this connection cannot serve the chain' are recovered, not forwarded,
         as long as nothing of the turn reached the client."""
         error = event.get("error")
@@ -284,12 +317,12 @@ class Session:
             if self.chain.turn is not None:
                 return False  # the turn went elsewhere; let the client see it
             # Idle: the connection is finished; the next turn opens a new one.
-            self.emit(ev.UpstreamLost(conn.id, trigger, error_fields(event), None, by_error=True))
+            self.emit(ev.UpstreamLost(conn.id, trigger, error_fields(event), None, by_error=True, raw=raw))
             self.link.retire(conn, trigger, "connection limit")
             return True
         if turn.forwarded:
             return False
-        self.emit(ev.UpstreamLost(conn.id, trigger, error_fields(event), turn.number, by_error=True))
+        self.emit(ev.UpstreamLost(conn.id, trigger, error_fields(event), turn.number, by_error=True, raw=raw))
         self.link.retire(conn, trigger, "replaced")
         self.spawn(self._recover(turn, trigger))
         return True
@@ -355,7 +388,9 @@ class Session:
         else:
             payload = turn.raw
         self.recoveries += 1
-        self.emit(ev.Recovered(turn, trigger, decision, old, conn.id, body, len(payload), detail))
+        if trigger is not Trigger.ROTATION:
+            self.last_recovery = f"turn {turn.number}: {trigger.value} -> {decision.action.value}"
+        self.emit(ev.Recovered(turn, trigger, decision, old, conn.id, body, len(payload), detail, sent=payload))
         await self._send_turn(conn, turn, payload)
 
     def _adopt(self, conn: Upstream) -> None:
@@ -369,6 +404,7 @@ class Session:
         self._inflight = None
         self._turn_ended.set()
         self._failed_closed = decision
+        self.last_recovery = f"turn {turn.number if turn is not None else '-'}: {decision.reason} -> failed closed"
         if aborted is not None:
             self.emit(ev.TurnEnded(aborted, None, None, ev.FAILED_CLOSED, ms_since(self._turn_t0)))
         self.emit(ev.FailedClosed(turn, decision))

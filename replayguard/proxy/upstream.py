@@ -184,6 +184,32 @@ class Upstream:
         except Exception:
             self.abort()
 
+    @property
+    def peer(self) -> tuple[str, int] | None:
+        address = self.ws.transport.get_extra_info("peername") if self.ws.transport is not None else None
+        return tuple(address[:2]) if address else None  # type: ignore[return-value]
+
+    @property
+    def local(self) -> tuple[str, int] | None:
+        address = self.ws.transport.get_extra_info("sockname") if self.ws.transport is not None else None
+        return tuple(address[:2]) if address else None  # type: ignore[return-value]
+
+    def tls_info(self) -> dict[str, Any] | None:
+        """Version, cipher and server name of the TLS session, None for plain ws://."""
+        transport = self.ws.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if ssl_object is None:
+            return None
+        cipher = ssl_object.cipher()
+        return {"version": ssl_object.version(), "cipher": cipher[0] if cipher else None,
+                "sni": ssl_object.server_hostname}
+
+    def certificate(self) -> bytes | None:
+        """The upstream's certificate (DER), for mitmweb's Connection tab."""
+        transport = self.ws.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+
     def response_headers(self) -> Iterable[tuple[str, str]]:
         response = self.ws.response
         if response is None:

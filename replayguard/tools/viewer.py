@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, TextIO
 
 from ..core.pairing import CALL_TYPES, OUTPUT_CALLS
-from ..core.records import Bodies, error_fields, read_records, summarize_item, turn_start_fields
+from ..core.records import Bodies, error_fields, read_records, records_in_flow, summarize_item, turn_start_fields
 from ..core.redact import redact_url
 
 Summary = dict[str, Any]
@@ -58,14 +58,21 @@ def records_from_flows(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _flow_records(flow: Any) -> list[dict[str, Any]]:
+    """The session's records: replayguard's own (kept in the flow: connections, recoveries, faults, fail-closes),
+    and the turns rebuilt from the messages the client really sent and received."""
     session = flow.id
+    kept = records_in_flow(flow.websocket.messages)
     url = flow.metadata.get("replayguard_upstream") or flow.request.pretty_url.replace("http", "ws", 1)
-    out: list[dict[str, Any]] = [{"ts": flow.timestamp_created, "session": session, "event": "session.start",
-                                  "url": redact_url(url), "source": "flow"}]
+    out: list[dict[str, Any]] = [r for r in kept if r["event"] not in ("session.start", "session.end")]
+    start = next((r for r in kept if r["event"] == "session.start"), None)
+    out.insert(0, {**(start or {"ts": flow.timestamp_created, "session": session, "event": "session.start",
+                                "url": redact_url(url)}), "source": "flow"})
     number = 0
     turn: dict[str, Any] | None = None
     completed = failed = 0
     for message in flow.websocket.messages:
+        if message.injected:
+            continue  # replayguard's own records (above) and messages injected by hand are not the client's
         try:
             obj = json.loads(message.content)
         except ValueError:
@@ -106,10 +113,13 @@ def _flow_records(flow: Any) -> list[dict[str, Any]]:
             failed += status != "completed"
             turn = None
     ws = flow.websocket
-    out.append({"ts": ws.timestamp_end or (flow.websocket.messages[-1].timestamp if ws.messages else 0),
-                "session": session, "event": "session.end", "turns_completed": completed, "turns_failed": failed,
-                "close_code": ws.close_code, "reason": f"closed by {'client' if ws.closed_by_client else 'server'}"
-                if ws.close_code is not None else "open"})
+    end = next((r for r in kept if r["event"] == "session.end"), None)
+    out.append(end or {"ts": ws.timestamp_end or (flow.websocket.messages[-1].timestamp if ws.messages else 0),
+                       "session": session, "event": "session.end", "turns_completed": completed,
+                       "turns_failed": failed, "close_code": ws.close_code,
+                       "reason": f"closed by {'client' if ws.closed_by_client else 'server'}"
+                       if ws.close_code is not None else "open"})
+    out.sort(key=lambda r: r.get("ts") or 0)
     return out
 
 
@@ -214,6 +224,11 @@ def _apply(view: SessionView, r: dict[str, Any]) -> None:
             what = f"upstream #{r['conn']} opened" if r.get("ok") else f"handshake refused: HTTP {r.get('status')}"
             why = f" ({r.get('purpose')}{', injected' if r.get('injected') else ''})"
             view.timeline.append((ts, f"{'+' if r.get('ok') else '!'} {what}{why}"))
+    elif event == "upstream.closed":
+        code = r.get("code")
+        view.timeline.append((ts, f"- upstream #{r.get('conn')} closed"
+                                  f" ({'close ' + str(code) if code is not None else 'no close frame'}"
+                                  f"{': ' + r['reason'] if r.get('reason') else ''})"))
     elif event == "upstream.lost":
         where = f"during turn {r['turn']}" if r.get("turn") is not None else "while idle"
         detail = r.get("detail")

@@ -1,0 +1,159 @@
+"""A session as mitmproxy shows it: in mitmweb, the console, saved flow files and HAR exports.
+
+The client's own messages are in the flow as mitmproxy relayed them, untouched. Beside them, :class:`FlowView`
+keeps what replayguard did on the client's behalf, as messages of the flow marked ``injected`` whose JSON is a
+chain trace record with ``"type": "replayguard.<record>"``: each upstream connection opened and closed, each
+request rewritten or replayed with exactly what was ``sent`` upstream, each upstream message consumed instead of
+forwarded (its ``message``), each injected fault, each fail-close. A saved flow file keeps them, mitmweb shows them
+(rendered by the Responses contentview) and ``replayguard trace flows.mitm`` rebuilds the chain trace from them.
+The flow's server connection shows where replayguard really connected (not the loopback bridge), and a marker and
+comment lines sum up recoveries, fail-closes and faults.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from cryptography import x509
+from mitmproxy import certs, ctx, http
+from mitmproxy.connection import Server
+from mitmproxy.hooks import UpdateHook
+from mitmproxy.websocket import WebSocketMessage
+from wsproto.frame_protocol import Opcode
+
+from ..core import events as ev
+from ..core.records import FLOW_RECORD, Bodies, record_of
+from ..core.recovery import Trigger
+from .destination import Destination
+
+log = logging.getLogger(__name__)
+
+MARK_RECOVERED = ":recycle:"
+MARK_FAILED = ":no_entry:"
+MARK_FAULT = ":zap:"
+MAX_COMMENT_LINES = 20
+SKIPPED = frozenset({"turn.start", "turn.end"})  # the flow holds the client's own requests and events
+FROM_CLIENT = frozenset({"recovery"})  # requests replayguard sent upstream in the client's place
+
+
+def _default(value: Any) -> Any:
+    return getattr(value, "value", repr(value))  # enums by value
+
+
+class FlowView:
+    """The listener that keeps one session's flow showing what happened."""
+
+    def __init__(self, flow: http.HTTPFlow, destination: Destination, bodies: Bodies = Bodies.SUMMARY) -> None:
+        self.flow = flow
+        self.destination = destination
+        self.bodies = bodies
+        self.pending: list[WebSocketMessage] = []  # records made before the WebSocket existed (open, handshake)
+        self.notes: list[str] = []  # comment lines
+        self.counts = {"recoveries": 0, "faults": 0, "failed closed": 0}
+        self._server: tuple[ev.Handshake, float] | None = None  # the upstream connection shown, and when it opened
+
+    # -- the listener -----------------------------------------------------------------------------
+    def __call__(self, event: ev.Event) -> None:
+        self._note(event)
+        if isinstance(event, ev.Handshake) and event.ok:
+            self._server = (event, time.time())
+            self._describe_server()
+        record = record_of(event, self.bodies)
+        if record is None or record[0] in SKIPPED:
+            return
+        name, fields = record
+        content: dict[str, Any] = {"type": FLOW_RECORD + name, "ts": round(time.time(), 6), "session": self.flow.id,
+                                   "event": name, **fields}
+        if isinstance(event, ev.Recovered) and event.sent:
+            content["sent"] = _json_or_text(event.sent)
+        elif isinstance(event, ev.UpstreamLost) and event.raw is not None:
+            content["message"] = _json_or_text(event.raw)
+        text = json.dumps(content, ensure_ascii=False, default=_default)
+        message = WebSocketMessage(Opcode.TEXT, name in FROM_CLIENT, text.encode(), time.time(), injected=True)
+        if self.flow.websocket is None:
+            self.pending.append(message)
+        else:
+            self.flow.websocket.messages.append(message)
+            self._update()
+
+    def attach(self) -> None:
+        """The WebSocket exists (mitmproxy's websocket_start): the records made before it go first."""
+        if self.flow.websocket is None:
+            return
+        if self.pending:
+            self.flow.websocket.messages[:0] = self.pending
+            self.pending.clear()
+        self._describe_server()
+        self._update()
+
+    # -- what mitmweb shows -----------------------------------------------------------------------
+    def _note(self, event: ev.Event) -> None:
+        if isinstance(event, ev.Recovered):
+            turn = event.turn
+            if event.trigger is Trigger.RESUME:
+                self.notify("recovered", f"turn {turn.number}: resumed {turn.previous_id} from chain state")
+            elif event.trigger is not Trigger.ROTATION:
+                self.notify("recovered", f"turn {turn.number}: {event.trigger.value} -> {event.decision.action.value}")
+        elif isinstance(event, ev.FailedClosed):
+            number = event.turn.number if event.turn is not None else "-"
+            self.notify("failed", f"turn {number}: {event.decision.reason} -> failed closed")
+        elif isinstance(event, ev.FaultFired):
+            self.notify("info", f"injected fault after turn {event.fired.after_turn}: {event.fired.rule.describe()}")
+
+    def notify(self, kind: str, text: str) -> None:
+        """A marker and a comment line. mitmweb shows a comment as one paragraph, so every line starts with its
+        own symbol and reads on its own; the console keeps the line breaks."""
+        self.flow.marked = {"failed": MARK_FAILED, "recovered": MARK_RECOVERED}.get(kind, MARK_FAULT)
+        key = {"failed": "failed closed", "recovered": "recoveries"}.get(kind, "faults")
+        self.counts[key] += 1
+        symbol = {"failed": "✗", "recovered": "⟲"}.get(kind, "⚡")
+        self.notes.append(f"{symbol} {text}")
+        summary = ", ".join(f"{n} {what}" for what, n in self.counts.items() if n)
+        lines = self.notes[-MAX_COMMENT_LINES:]
+        if len(self.notes) > MAX_COMMENT_LINES:
+            lines.insert(0, f"… {len(self.notes) - MAX_COMMENT_LINES} earlier (all are in the flow's messages)")
+        self.flow.comment = "\n".join([f"replayguard: {summary}.", *lines])
+        self._update()
+
+    def _describe_server(self) -> None:
+        """The flow's server connection shows the upstream connection replayguard made, not the loopback bridge
+        mitmproxy talks to. mitmproxy only uses its own connection object (the context's) once the WebSocket is
+        up, so the flow gets a description of ours in its place."""
+        if self._server is None or self.flow.websocket is None:
+            return
+        hs, opened = self._server
+        d = self.destination
+        server = Server(address=d.address)
+        server.via = d.via
+        server.peername = hs.peer
+        server.sockname = hs.local
+        server.sni = d.server_name
+        server.tls = d.secure
+        server.timestamp_start = opened - hs.ms / 1000
+        server.timestamp_tcp_setup = opened
+        if hs.tls is not None:
+            server.tls_version = hs.tls.get("version")
+            server.cipher = hs.tls.get("cipher")
+            server.timestamp_tls_setup = opened
+        if hs.certificate:
+            try:
+                server.certificate_list = [certs.Cert(x509.load_der_x509_certificate(hs.certificate))]
+            except ValueError:
+                log.debug("flow %s: upstream certificate not readable", self.flow.id)
+        self.flow.server_conn = server
+
+    def _update(self) -> None:
+        try:
+            ctx.master.addons.trigger(UpdateHook([self.flow]))
+        except Exception:  # no master (unit tests) or shutting down
+            pass
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
