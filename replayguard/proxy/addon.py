@@ -17,6 +17,7 @@ from ..core.errors import http_error_body
 from ..core.events import Listener
 from ..core.faults import FaultInjector
 from ..core.redact import redact_url, scrub
+from . import contentview
 from .bridge import Bridge
 from .commands import SessionCommands
 from .destination import Destination, destination_of
@@ -64,6 +65,7 @@ class ReplayGuard:
         self.bridge = Bridge()
         self.router = Router(self)
         self.addons = [SessionCommands(self)]  # mitmproxy registers these beside the addon
+        self.contentview: object | None = None
         self.matched: dict[str, Match] = {}  # flow id -> match, until the router takes the flow
         self.flows: dict[str, Live] = {}  # live sessions, by flow id
         self.tls = TlsSettings()
@@ -82,6 +84,7 @@ class ReplayGuard:
             "directory (trailing slash or an existing directory). Read it with `python -m replayguard trace FILE`.",
         )
         self.router.install()  # last in mitmproxy's chain: after every other addon's request hook
+        self.contentview = contentview.register()  # "Responses", chosen automatically for Responses messages
 
     def configure(self, updated: set[str]) -> None:
         if "replayguard_rules" in updated or self.rules is None:
@@ -179,6 +182,9 @@ class ReplayGuard:
             self._watcher = None
         self.router.done()
         self.router.uninstall()
+        if self.contentview is not None:
+            contentview.unregister(self.contentview)
+            self.contentview = None
         await self.bridge.stop()
         if self.trace is not None:
             self.trace.close()

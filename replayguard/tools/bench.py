@@ -308,6 +308,8 @@ def run(quick: bool) -> str:
     rows.append(("replay state memory", f"chain JSON {json_bytes / 2**20:.1f} MiB | held {held / 2**20:.1f} MiB "
                  f"| session ended {after / 2**20:.1f} MiB | after resume_ttl {cleared / 2**20:.2f} MiB",
                  f"held/JSON {held / json_bytes:.2f}x (target <= 1.5x); freed after the TTL"))
+    rows.append(("Responses contentview, a 10 MB response.create", f"{render_seconds(10.0) * 1000:.0f} ms",
+                 "target: well under 1 s"))
     width = max(len(r[0]) for r in rows)
     head = (f"python -m replayguard bench{' --quick' if quick else ''}: {sessions} sessions x {turns} turns x {deltas} "
             f"deltas (saturated); paced: 2 sessions x {paced_turns} turns, a delta every 2 ms; one chain of "
@@ -315,3 +317,26 @@ def run(quick: bool) -> str:
     lines = [head, f"machine: {machine()}", "-" * len(head)]
     lines += [f"{name.ljust(width)}  {value}  [{verdict}]" for name, value, verdict in rows]
     return "\n".join(lines)
+
+
+def render_seconds(size_mb: float = 10.0) -> float:
+    """Seconds the Responses contentview's renderer takes on a `response.create` of about ``size_mb`` MB (a
+    tool-call chain of 10 KB outputs), best of 3: a UI renders it whenever the message is shown."""
+    from ..core.render import render
+
+    items: list[dict[str, Any]] = [{"type": "message", "role": "user", "content": "run the tools"}]
+    size, n = 0, 0
+    chunk = " ".join(f"line {i} of the tool's output" for i in range(400))[:10_000]
+    while size < size_mb * 1_000_000:
+        call = {"type": "function_call", "call_id": f"call_{n}", "name": "shell", "arguments": '{"cmd": "ls -la"}'}
+        output = {"type": "function_call_output", "call_id": f"call_{n}", "output": chunk}
+        items += [call, output]
+        size += len(chunk) + 160
+        n += 1
+    content = json.dumps({"type": "response.create", "model": "m", "store": False, "input": items}).encode()
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        render(content, ())
+        best = min(best, time.perf_counter() - started)
+    return best
