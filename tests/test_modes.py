@@ -178,9 +178,10 @@ def test_local_capture_mode(tmp_path, mitm):
 def test_map_remote_and_modify_headers_apply_to_the_session(fake, mitm, tmp_path):
     mapped = FakeUpstream().start()
     try:
-        flows = tmp_path / "flows.mitm"
+        flows, har = tmp_path / "flows.mitm", tmp_path / "flows.har"
         proxy = mitm(fake, args=["--map-remote", f"|127.0.0.1:{fake.port}|127.0.0.1:{mapped.port}",
-                                 "--modify-headers", "/~q/X-Added-By-User/yes", "-w", str(flows)],
+                                 "--modify-headers", "/~q/X-Added-By-User/yes", "-w", str(flows),
+                                 "--set", f"hardump={har}"],
                      faults=DROP_AFTER_2)
         result = run_client(f"ws://127.0.0.1:{proxy.port}/v1/responses")
         accepted = assert_chain_survived_the_drop(result, mapped, proxy, "127.0.0.1", mapped.port)
@@ -196,6 +197,9 @@ def test_map_remote_and_modify_headers_apply_to_the_session(fake, mitm, tmp_path
     # The flow shows where the request went (as plain mitmproxy would after map_remote), never the bridge.
     assert (flow.request.scheme, flow.request.host, flow.request.port) == ("http", "127.0.0.1", mapped.port)
     assert not any(k.lower().startswith("x-replayguard") for k in flow.request.headers)
+    (entry,) = json.loads(har.read_text())["log"]["entries"]  # a HAR export says the same
+    assert entry["request"]["url"] == f"http://127.0.0.1:{mapped.port}/v1/responses"
+    assert not any(h["name"].lower().startswith("x-replayguard") for h in entry["request"]["headers"])
 
 
 def state_at_exit(proxy: Any) -> dict[str, int]:
