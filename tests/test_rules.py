@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from mitmproxy.test import tflow
 
 from replayguard.core.recovery import Policy
@@ -305,3 +306,20 @@ def test_section_with_every_key_commented_out_uses_defaults(tmp_path):
     rules = load_rules(f)
     assert rules.upstream == UpstreamRules()
     assert rules.recovery == RecoveryRules()
+
+
+def test_snapshot_is_a_rules_document_that_reads_back_the_same():
+    """What a session's trace keeps of its rules is itself a valid rules.yaml (a recording can be run again)."""
+    text = (MATCH + "upstream:\n  ping_idle: 5\n  rotation_age: 60\nrecovery:\n  policy: strict\n"
+            "limits:\n  resume_ttl: 0\ntrace:\n  bodies: full\nfaults:\n  - kind: close\n    code: 4000\n"
+            "    after_turn: 2\n    path: /v1/*\n  - kind: refuse\n    status: 429\n    count: 2\n"
+            "    probability: 0.5\n    seed: 7\n    times: 3\n")
+    rules = parse_rules(text)
+    doc = rules.snapshot()
+    assert doc["upstream"]["ping_idle"] == 5 and doc["recovery"]["policy"] == "strict"
+    assert doc["faults"] == [{"kind": "close", "after_turn": 2, "code": 4000, "path": "/v1/*"},
+                             {"kind": "refuse", "probability": 0.5, "seed": 7, "times": 3, "status": 429,
+                              "count": 2}]
+    again = parse_rules(yaml.safe_dump(doc))
+    assert again.snapshot() == doc
+    assert again.upstream == rules.upstream and again.recovery == rules.recovery and again.limits == rules.limits

@@ -161,6 +161,7 @@ class Turn:
     outputs: list[Item] = field(default_factory=list)
     output_size: int = 0
     forwarded: bool = False  # any event of this turn reached the client
+    events: int = 0  # upstream events of this turn so far (of the current attempt)
     attempts: int = 0  # recoveries tried for this turn
     status: str = "in_progress"
 

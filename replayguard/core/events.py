@@ -19,6 +19,7 @@ from .recovery import Decision, Trigger
 class SessionStarted:
     url: str  # the upstream, credentials redacted
     client: str  # the client's address
+    rules: dict[str, Any] | None = None  # the rules the session runs with, as a rules.yaml document
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,7 @@ class UpstreamLost:
     turn: int | None  # the turn in flight on it, None when idle
     by_error: bool = False  # an upstream error event finished it (it was swallowed, not forwarded)
     raw: str | None = None  # that error event as the upstream sent it
+    events: int | None = None  # upstream events of the turn in flight seen before the loss
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,14 +2,15 @@
 
 Records (``event`` field; every record also has ``ts`` (Unix seconds) and ``session`` (the mitmproxy flow id)):
 
-- ``session.start``  url, client
+- ``session.start``  url, client, rules (the rules the session runs with, as a rules.yaml document)
 - ``handshake``      conn, url, purpose (open/reconnect/recovery), ok, status, ms, headers (redacted),
                      response_headers, peer and local (addresses), tls (version, cipher, sni); error, injected
 - ``turn.start``     turn, conn, model, store, generate, previous_response_id, input (item summaries), bytes,
                      rewritten (the request was rebuilt from the chain state), body (with trace.bodies=full)
 - ``turn.end``       turn, conn, status, response_id, previous_response_id, output (item summaries), usage, ms,
                      error (code, message, param) for a failed turn
-- ``upstream.lost``  conn, how, detail, turn (the turn in flight, or null when idle)
+- ``upstream.lost``  conn, how, detail, turn (the turn in flight, or null when idle), events (of that turn, seen
+                     before the loss)
 - ``upstream.closed`` conn, code (null: dropped without a close frame), reason
 - ``recovery``       turn, trigger, action, from_conn, to_conn, removed_previous_response_id, items, bytes,
                      input (summaries of the input sent)
@@ -167,7 +168,10 @@ def record_of(event: ev.Event, bodies: Bodies = Bodies.SUMMARY) -> Record | None
 
 
 def _session_started(e: ev.SessionStarted, bodies: Bodies) -> Record:
-    return "session.start", {"schema": SCHEMA, "url": e.url, "client": e.client}
+    fields: dict[str, Any] = {"schema": SCHEMA, "url": e.url, "client": e.client}
+    if e.rules is not None:
+        fields["rules"] = e.rules
+    return "session.start", fields
 
 
 def _handshake(e: ev.Handshake, bodies: Bodies) -> Record:
@@ -208,7 +212,10 @@ def _turn_ended(e: ev.TurnEnded, bodies: Bodies) -> Record:
 
 
 def _upstream_lost(e: ev.UpstreamLost, bodies: Bodies) -> Record:
-    return "upstream.lost", {"conn": e.conn, "how": e.how, "detail": e.detail, "turn": e.turn}
+    fields = {"conn": e.conn, "how": e.how, "detail": e.detail, "turn": e.turn}
+    if e.events is not None:
+        fields["events"] = e.events
+    return "upstream.lost", fields
 
 
 def _upstream_closed(e: ev.UpstreamClosed, bodies: Bodies) -> Record:

@@ -93,6 +93,33 @@ class Rules:
         """The fault rules scoped to this flow (none unless rules.yaml has a ``faults`` list)."""
         return [f for f in self.faults if f.match is None or f.match.matches(host, path, flow)]
 
+    def snapshot(self) -> dict[str, Any]:
+        """These rules as a rules.yaml document (what a session ran with: kept in its trace, so that a recording
+        can be run again under the same rules)."""
+        def matcher(m: MatchRule) -> dict[str, Any]:
+            return {k: v for k, v in (("host", m.host), ("path", m.path), ("filter", m.filter)) if v is not None}
+
+        def section(obj: Any) -> dict[str, Any]:
+            return {name: getattr(getattr(obj, name), "value", getattr(obj, name)) for name in obj.__dataclass_fields__}
+
+        faults = []
+        for f in self.faults:
+            default = FaultRule(f.kind)
+            entry: dict[str, Any] = {"kind": f.kind.value}
+            for key in FAULT_KEYS:
+                value = getattr(f, key)
+                if key != "kind" and value is not None and (value != getattr(default, key) or key == "after_turn"):
+                    entry[key] = getattr(value, "value", value)
+            if f.match is not None:
+                entry.update(matcher(f.match))
+            faults.append(entry)
+        doc: dict[str, Any] = {"match": [matcher(m) for m in self.match], "upstream": section(self.upstream),
+                               "recovery": section(self.recovery), "limits": section(self.limits),
+                               "trace": section(self.trace)}
+        if faults:
+            doc["faults"] = faults
+        return doc
+
 
 # -- validation ----------------------------------------------------------------------------------
 Check = Callable[[Any], Any]

@@ -64,7 +64,7 @@ class Session:
     # -- lifecycle --------------------------------------------------------------------------------
     async def open(self, client: str = "") -> None:
         """Open the first upstream connection (raises HandshakeFailed)."""
-        self.emit(ev.SessionStarted(redact_url(self.target.url), client))
+        self.emit(ev.SessionStarted(redact_url(self.target.url), client, self.rules.snapshot()))
         later = self.faults.session_starting() if self.faults is not None else []
         try:
             conn = await self.link.open("open")
@@ -252,6 +252,7 @@ class Session:
     async def _send_turn(self, conn: Upstream, turn: Turn, payload: str) -> None:
         self._inflight = (turn, conn)
         self._event_seen = False
+        turn.events = 0
         attempt = turn.attempts
         injected = self.faults.take_error(turn, conn) if self.faults is not None else None
         if injected is not None:
@@ -272,6 +273,7 @@ class Session:
         inflight = self._inflight is not None and self._inflight[1] is conn
         if inflight:
             self._event_seen = True
+            self._inflight[0].events += 1  # type: ignore[index]
         if isinstance(message, bytes):
             await self._to_client(message)
             return
@@ -322,7 +324,8 @@ class Session:
             return True
         if turn.forwarded:
             return False
-        self.emit(ev.UpstreamLost(conn.id, trigger, error_fields(event), turn.number, by_error=True, raw=raw))
+        self.emit(ev.UpstreamLost(conn.id, trigger, error_fields(event), turn.number, by_error=True, raw=raw,
+                                  events=turn.events))
         self.link.retire(conn, trigger, "replaced")
         self.spawn(self._recover(turn, trigger))
         return True
@@ -340,7 +343,8 @@ class Session:
         """The link found the current connection dead: recover the turn on it, if any."""
         inflight = self._inflight
         turn = inflight[0] if inflight is not None and inflight[1] is conn else None
-        self.emit(ev.UpstreamLost(conn.id, trigger, detail, turn.number if turn is not None else None))
+        self.emit(ev.UpstreamLost(conn.id, trigger, detail, turn.number if turn is not None else None,
+                                  events=turn.events if turn is not None else None))
         if turn is not None and self.chain.turn is turn:
             self.spawn(self._recover(turn, trigger, detail))
 
