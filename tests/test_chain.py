@@ -512,6 +512,33 @@ def test_second_chain_sharing_the_store_resumes_by_response_id():
     assert t_old.full_input() == [user("q1"), reasoning("1"), fcall("call_1"), user("x")]
 
 
+def test_a_chain_resumes_only_for_the_principal_that_made_it():
+    store = ChainStore()
+    first = Chain(store, principal="alice")
+    turn(first, request([user("secret")]), "resp_1", [assistant("noted")])
+    other = Chain(store, principal="mallory")
+    t = other.begin_turn(request([user("what was it?")], previous="resp_1"), "")
+    assert not t.base_known and t.full_input() is None  # as if the id were unknown: nothing of alice's
+    assert "resp_1" not in other.response_ids  # and not adopted (retired on alice's schedule, not mallory's)
+    assert store.get("resp_1", "mallory") is None and store.get("resp_1") is None  # anonymous is a principal too
+    again = Chain(store, principal="alice")
+    assert again.begin_turn(request([user("go on")], previous="resp_1"), "").full_input() == [
+        user("secret"), assistant("noted"), user("go on")]
+
+
+def test_principal_fingerprints_are_keyed_and_cover_organisation_and_project():
+    from replayguard.core.redact import principal
+
+    key = b"k" * 32
+    base = [("Authorization", "Bearer sk-a"), ("OpenAI-Beta", "x")]
+    assert principal(base, key) == principal([("authorization", "Bearer sk-a")], key)  # names are case-insensitive
+    assert principal(base, key) != principal([("Authorization", "Bearer sk-b")], key)
+    assert principal(base, key) != principal(base + [("OpenAI-Organization", "org-2")], key)
+    assert principal(base, key) != principal(base + [("OpenAI-Project", "proj-2")], key)
+    assert principal(base, key) != principal(base, b"another process's key")
+    assert "sk-a" not in principal(base, key) and principal([("OpenAI-Beta", "x")], key) == ""
+
+
 # -- max_chain_bytes -------------------------------------------------------------------------------------
 def test_max_chain_bytes_evicts_the_history():
     chain = new_chain(max_chain_bytes=3000)

@@ -78,6 +78,7 @@ class ResponseRecord:
     history: Node | None  # full context after this response; None when evicted by the size cap
     store: bool  # stored server-side: previous_response_id works on any connection
     complete: bool = True  # False when the history was evicted and cannot be replayed
+    principal: str = ""  # fingerprint of the credentials that made it: only they may resume it
 
 
 class ChainStore:
@@ -107,9 +108,13 @@ class ChainStore:
         self.evicted += dropped
         return dropped
 
-    def get(self, response_id: str) -> ResponseRecord | None:
-        """A record by id; a retired one is adopted again (a client resumed its chain before the TTL ran out)."""
+    def get(self, response_id: str, principal: str = "") -> ResponseRecord | None:
+        """A record by id, for the principal that made it (as the upstream refuses another organisation's response
+        ids, another principal gets nothing); a retired one is adopted again (a client resumed its chain before the
+        TTL ran out)."""
         record = self._records.get(response_id)
+        if record is not None and record.principal != principal:
+            return None
         if record is not None:
             self._records.move_to_end(response_id)
             self._deadlines.pop(response_id, None)
@@ -192,9 +197,10 @@ class TurnResult:
 class Chain:
     """Replay state of one client session (one WebSocket flow)."""
 
-    def __init__(self, store: ChainStore, max_chain_bytes: int = 256 * 2**20) -> None:
+    def __init__(self, store: ChainStore, max_chain_bytes: int = 256 * 2**20, principal: str = "") -> None:
         self.store = store
         self.max_chain_bytes = max_chain_bytes
+        self.principal = principal  # whose credentials this session carries (a fingerprint)
         self.head: ResponseRecord | None = None  # last completed response of this session
         self.cached_id: str | None = None  # response held in the current upstream connection's cache
         self.turn: Turn | None = None  # the turn in flight
@@ -244,7 +250,7 @@ class Chain:
     def _lookup(self, response_id: str) -> ResponseRecord | None:
         if self.head is not None and self.head.response_id == response_id:
             return self.head
-        record = self.store.get(response_id)
+        record = self.store.get(response_id, self.principal)
         if record is not None and response_id not in self.response_ids:
             self.response_ids.append(response_id)  # resumed from another session: ours to retire now
         return record
@@ -323,7 +329,8 @@ class Chain:
                 history = None
         else:
             history = None
-        record = ResponseRecord(turn.response_id, history, turn.store, complete=history is not None)
+        record = ResponseRecord(turn.response_id, history, turn.store, complete=history is not None,
+                                principal=self.principal)
         self.head = record
         self.cached_id = turn.response_id
         self.response_ids.append(turn.response_id)

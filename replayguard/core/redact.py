@@ -9,6 +9,7 @@ or a bearer token.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 from typing import Iterable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -87,3 +88,18 @@ def secret_values(headers: Iterable[tuple[str, str]]) -> list[str]:
             if eq and len(cookie.strip()) >= 4:
                 values.append(cookie.strip())
     return sorted(set(values), key=len, reverse=True)  # longest first: no half-replaced secrets
+
+
+# Headers that say who is asking: the credential and the organisation/project/account it acts for.
+PRINCIPAL_HEADERS = ("authorization", "api-key", "x-api-key", "cookie", "openai-organization", "openai-project",
+                     "chatgpt-account-id")
+
+
+def principal(headers: Iterable[tuple[str, str]], key: bytes) -> str:
+    """A keyed fingerprint of who a session acts for (its credentials, organisation and project), so that chain
+    state made by one principal never serves another. Keyed with a secret of the process: it names a principal
+    without revealing or letting anyone test a guess of its credentials. "" when there are none."""
+    parts = sorted(f"{name.lower()}\x00{value}" for name, value in headers if name.lower() in PRINCIPAL_HEADERS)
+    if not parts:
+        return ""
+    return hmac.new(key, "\x01".join(parts).encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:32]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from ..core.chain import ChainStore
 from ..core.errors import http_error_body
 from ..core.events import Listener
 from ..core.faults import FaultInjector
-from ..core.redact import redact_url, scrub
+from ..core.redact import principal, redact_url, scrub
 from . import contentview
 from .bridge import Bridge
 from .commands import SessionCommands
@@ -32,6 +33,7 @@ from .upstream import HandshakeFailed, Target, TlsSettings, forwardable, tls_con
 log = logging.getLogger(__name__)
 
 RULES_POLL_SECONDS = 1.0
+PRINCIPAL_KEY = secrets.token_bytes(32)  # keys the fingerprints that keep one principal's chains from another
 SESSION_CLOSE_WAIT = 3.0  # seconds websocket_end waits for a session to finish closing
 
 
@@ -129,7 +131,8 @@ class ReplayGuard:
         view = FlowView(flow, destination, rules.trace.bodies)
         listeners += [SessionLog(flow.id), view]
         faults = rules.faults_for(match.name, match.path, flow)
-        session = Session(flow.id, target, rules, self.store, listeners, FaultInjector(faults) if faults else None)
+        session = Session(flow.id, target, rules, self.store, listeners, FaultInjector(faults) if faults else None,
+                          principal(target.headers, PRINCIPAL_KEY))
         client = flow.client_conn.peername
         try:
             await session.open(f"{client[0]}:{client[1]}" if client else "")

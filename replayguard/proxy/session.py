@@ -36,11 +36,12 @@ log = logging.getLogger(__name__)
 
 class Session:
     def __init__(self, flow_id: str, target: Target, rules: Rules, store: ChainStore,
-                 listeners: list[ev.Listener] | None = None, faults: FaultInjector | None = None) -> None:
+                 listeners: list[ev.Listener] | None = None, faults: FaultInjector | None = None,
+                 principal: str = "") -> None:
         self.flow_id = flow_id
         self.target = target
         self.rules = rules
-        self.chain = Chain(store, rules.limits.max_chain_bytes)
+        self.chain = Chain(store, rules.limits.max_chain_bytes, principal)
         self.emit = ev.Emitter(listeners)
         self.faults = FaultActions(faults, self.emit, self.spawn) if faults is not None else None
         self.link = UpstreamLink(flow_id, self, target, rules.upstream, self.emit, self.spawn, self.faults)
