@@ -269,9 +269,9 @@ class Chain:
     def on_event(self, event: dict[str, Any], size: int) -> TurnResult | None:
         """Feed one upstream event; returns a result when it ends the turn in flight."""
         turn = self.turn
-        if turn is None:
-            return None
         kind = event.get("type")
+        if turn is None or not isinstance(kind, str):
+            return None
         if kind == "response.output_item.done":
             item = event.get("item")
             if isinstance(item, dict):

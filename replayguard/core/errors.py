@@ -13,6 +13,7 @@ any other 400, a 429 or code server_is_overloaded ends its run.
 | reconnect handshake refused or failed      | 502    | server_error          | upstream_unavailable          | 1011  |
 | recovery retries for the turn exhausted    | 502    | server_error          | upstream_retries_exhausted    | 1011  |
 | strict policy, tool output involved        | (none: close only, as the peer gateway) |                     | 1008  |
+| an internal error of replayguard's         | 500    | server_error          | replayguard_internal_error    | 1011  |
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ def not_found(message: str) -> dict[str, Any]:
 
 def server_error(code: str, message: str) -> dict[str, Any]:
     return error_event(502, "server_error", code, message)
+
+
+INTERNAL = "replayguard_internal_error"
+
+
+def internal_error(message: str) -> dict[str, Any]:
+    """replayguard itself failed: a 5xx server_error, which a real client answers by retrying with its history."""
+    return error_event(500, "server_error", INTERNAL, message)
 
 
 def http_error_body(status: int, code: str, message: str) -> bytes:

@@ -35,7 +35,7 @@ class Orphan:
 
 
 def is_tool_output(item: Any) -> bool:
-    return isinstance(item, dict) and item.get("type") in OUTPUT_CALLS
+    return isinstance(item, dict) and isinstance(item.get("type"), str) and item["type"] in OUTPUT_CALLS
 
 
 def find_orphans(items: Iterable[Any]) -> list[Orphan]:
@@ -46,6 +46,8 @@ def find_orphans(items: Iterable[Any]) -> list[Orphan]:
         if not isinstance(item, dict):
             continue
         kind = item.get("type")
+        if not isinstance(kind, str):  # whatever the upstream makes of it, it is no call and no output
+            continue
         if kind in CALL_TYPES:
             key = item.get("id") if kind == "mcp_approval_request" else item.get("call_id")
             if isinstance(key, str):
@@ -58,8 +60,8 @@ def find_orphans(items: Iterable[Any]) -> list[Orphan]:
         key = item.get(out_key)
         if key is None and kind == "local_shell_call_output":
             key = item.get("id")  # the API schema puts the call's call_id in this output's "id" field
-        if not any(key in seen.get(t, ()) for t in call_types):
-            orphans.append(Orphan(index, kind, str(key)))  # type: ignore[arg-type]
+        if not isinstance(key, str) or not any(key in seen.get(t, ()) for t in call_types):
+            orphans.append(Orphan(index, kind, str(key)))
     return orphans
 
 

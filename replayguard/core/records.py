@@ -35,6 +35,7 @@ import json
 from typing import Any, Callable, Iterable, Mapping
 
 from . import events as ev
+from .messages import parse
 from .redact import redact_headers
 
 SCHEMA = 1
@@ -128,10 +129,7 @@ def records_in_flow(messages: Iterable[Any]) -> list[dict[str, Any]]:
     for message in messages:
         if not getattr(message, "injected", False) or not message.content.startswith(head):
             continue
-        try:
-            record = json.loads(message.content)
-        except ValueError:
-            continue
+        record = parse(message.content)
         if isinstance(record, dict) and isinstance(record.get("event"), str):
             out.append(record)
     return out
@@ -145,11 +143,7 @@ def read_records(lines: Iterable[str]) -> tuple[list[dict[str, Any]], list[int]]
         line = line.strip()
         if not line:
             continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            bad.append(number)
-            continue
+        record = parse(line)
         if isinstance(record, dict) and isinstance(record.get("event"), str):
             records.append(record)
         else:

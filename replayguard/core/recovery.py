@@ -103,6 +103,12 @@ def decide(s: Situation) -> Decision:
     return Decision(Action.REPLAY, f"{cause}; replay is self-consistent")
 
 
+def internal_error(where: str, exc: BaseException) -> Decision:
+    """An exception in replayguard's own work: the session ends, and says so."""
+    reason = f"internal error in {where}: {type(exc).__name__}: {exc}"[:300]
+    return _fail(reason, errors.internal_error(reason))
+
+
 def handshake_failed(trigger: Trigger, status: int | None, detail: str) -> Decision:
     """The fresh connection a recovery needed could not be opened."""
     what = f"HTTP {status}" if status else detail

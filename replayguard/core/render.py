@@ -18,6 +18,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .messages import parse
 from .pairing import CALL_TYPES, OUTPUT_CALLS, find_orphans
 from .records import PREVIEW_CHARS, Bodies, error_fields, summarize_item
 
@@ -78,10 +79,7 @@ def render(content: bytes, earlier: Sequence[tuple[bool, bytes]] = (), *,
 
 # -- text helpers ----------------------------------------------------------------------------------
 def _load(content: bytes | str) -> Any:
-    try:
-        return json.loads(content)
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        return None
+    return parse(content)  # None for invalid or too deeply nested JSON (UnicodeDecodeError is a ValueError)
 
 
 def _cut(text: str, limit: int = MAX_LINE) -> str:
@@ -260,7 +258,7 @@ def _item_lines(items: Sequence[Any], orphans: Mapping[int, Any] | None = None) 
 # -- the chain a request continues -----------------------------------------------------------------
 def _stub(item: Any) -> dict[str, Any] | None:
     """A call item reduced to what pairing reads (its type and key), so a cached chain holds no payloads."""
-    if isinstance(item, dict) and item.get("type") in CALL_TYPES:
+    if isinstance(item, dict) and isinstance(item.get("type"), str) and item["type"] in CALL_TYPES:
         kind = item["type"]
         key = item.get(_CALL_KEY[kind])
         if isinstance(key, str):
@@ -333,7 +331,7 @@ class _FlowScan:
                 self.current = _Turn(index, prev if isinstance(prev, str) else None, _stubs(obj.get("input")))
             return
         turn = self.current
-        if turn is None:
+        if turn is None or not isinstance(kind, str):
             return
         if kind in _HAS_RESPONSE:
             response = obj.get("response")

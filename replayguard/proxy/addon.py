@@ -14,7 +14,7 @@ from mitmproxy import ctx, http
 from mitmproxy.exceptions import OptionsError
 
 from ..core.chain import ChainStore
-from ..core.errors import http_error_body
+from ..core.errors import INTERNAL, http_error_body
 from ..core.events import Listener
 from ..core.faults import FaultInjector
 from ..core.redact import principal, redact_url, scrub
@@ -107,9 +107,22 @@ class ReplayGuard:
         request = flow.request
         if flow.response is not None or self.rules is None or not is_websocket_upgrade(request):
             return
-        name = destination_of(flow).name
-        if self.rules.matches(name, request.path, flow):
-            self.matched[flow.id] = Match(self.rules, name, request.path)
+        try:
+            name = destination_of(flow).name
+            if self.rules.matches(name, request.path, flow):
+                self.matched[flow.id] = Match(self.rules, name, request.path)
+        except Exception as e:  # an upgrade that may be a session is never let through unguarded on our bug
+            self.internal_error(flow, "matching the rules", e)
+
+    def internal_error(self, flow: http.HTTPFlow, where: str, exc: BaseException) -> None:
+        """replayguard failed on a flow before it became a session: the client gets a 500 that says so."""
+        log.error("flow %s: replayguard internal error in %s", flow.id, where, exc_info=exc)
+        self.matched.pop(flow.id, None)
+        detail = scrub(f"internal error in {where}: {type(exc).__name__}: {exc}")[:300]
+        flow.response = http.Response.make(500, http_error_body(500, INTERNAL, detail),
+                                           {"content-type": "application/json"})
+        flow.marked = MARK_FAILED
+        flow.comment = f"replayguard: {detail}"
 
     async def open_session(self, flow: http.HTTPFlow, match: Match, destination: Destination) -> Session | None:
         """Open a session's first upstream connection; on refusal answer the flow and return None."""
@@ -136,15 +149,15 @@ class ReplayGuard:
         client = flow.client_conn.peername
         try:
             await session.open(f"{client[0]}:{client[1]}" if client else "")
-        except Exception as e:
-            if not isinstance(e, HandshakeFailed):  # never leave the client hanging on our own bug
-                log.exception("flow %s: opening the upstream connection failed", flow.id)
-                e = HandshakeFailed(f"replayguard internal error: {type(e).__name__}")
+        except HandshakeFailed as e:
             flow.response = self._refusal(e)
             log.warning("flow %s: upstream handshake to %s failed: %s -> HTTP %d to client",
                         flow.id, redact_url(target.url), scrub(e.detail), flow.response.status_code)
             flow.marked = MARK_FAILED
             flow.comment = f"replayguard: upstream handshake failed: {scrub(e.detail)}"
+            return None
+        except Exception as e:  # never leave the client hanging on our own bug
+            self.internal_error(flow, "opening the session", e)
             return None
         self.flows[flow.id] = Live(session, view)
         flow.metadata["replayguard_upstream"] = redact_url(target.url)

@@ -25,6 +25,7 @@ from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
 from ..core import events as ev
+from ..core.messages import parse
 from ..core.records import FLOW_RECORD, Bodies, record_of
 from ..core.recovery import Trigger
 from .destination import Destination
@@ -153,7 +154,5 @@ class FlowView:
 
 
 def _json_or_text(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+    obj = parse(text)
+    return text if obj is None else obj

@@ -168,6 +168,8 @@ class UpstreamLink:
             self.owner.upstream_lost(conn, trigger, detail)
 
     async def _read(self, conn: Upstream) -> None:
+        """Read ``conn`` until it ends; an exception (replayguard's own, in handling a message) is the session's
+        supervisor's to report: the connection is not declared dead for it."""
         try:
             async for message in conn.ws:
                 if self.faults is not None and self.faults.delay:
@@ -179,8 +181,10 @@ class UpstreamLink:
                     await self.owner.upstream_message(conn, message)
         except ConnectionClosed:
             pass
-        except Exception:  # never let one bad frame take the proxy down
-            log.exception("flow %s: upstream reader failed", self.name)
+        except Exception:
+            conn.lost = conn.lost or "internal error"
+            conn.abort()
+            raise
         finally:
             ws = conn.ws
             if ws.protocol.close_rcvd is None:

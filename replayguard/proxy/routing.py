@@ -26,7 +26,7 @@ from mitmproxy.connection import Server
 from .destination import destination_of
 
 if TYPE_CHECKING:
-    from .addon import ReplayGuard
+    from .addon import Match, ReplayGuard
     from .session import Session
 
 log = logging.getLogger(__name__)
@@ -94,10 +94,21 @@ class Router:
             await _resumed(flow)
         if flow.response is not None or flow.error is not None or not flow.live:
             return  # answered, killed or gone: nothing to route
+        try:
+            await self._route(flow, match)
+        except Exception as e:  # never let a matched upgrade through unguarded on our own bug
+            self.guard.internal_error(flow, "routing the flow", e)
+
+    async def _route(self, flow: http.HTTPFlow, match: Match) -> None:
         session = await self.guard.open_session(flow, match, destination_of(flow, ctx.options.upstream_auth))
         if session is None:
             return  # refused: flow.response carries the upstream's answer
-        await self.guard.bridge.ensure_started()
+        try:
+            await self.guard.bridge.ensure_started()
+        except BaseException:
+            self.guard.bridge.discard(session)
+            self.guard.flows.pop(flow.id, None)
+            raise
         request = flow.request.data
         route = Route(flow, session, request.scheme, request.host, request.port)
         route.timer = asyncio.get_running_loop().call_later(STALE_ROUTE, self._expire, route)

@@ -22,9 +22,9 @@ from websockets.exceptions import ConnectionClosed
 from ..core import events as ev
 from ..core.chain import Chain, ChainStore, RequestError, Turn
 from ..core.faults import FaultInjector, FaultRule
-from ..core.messages import is_delta
+from ..core.messages import is_delta, parse
 from ..core.records import error_fields
-from ..core.recovery import Action, Decision, Situation, Trigger, decide, handshake_failed
+from ..core.recovery import Action, Decision, Situation, Trigger, decide, handshake_failed, internal_error
 from ..core.redact import redact_url
 from .injection import CONNECTION_FAULTS, FaultActions
 from .link import UpstreamLink
@@ -32,6 +32,11 @@ from .rules import Rules
 from .upstream import HandshakeFailed, Target, Upstream, ms_since
 
 log = logging.getLogger(__name__)
+
+# Where an internal error happened, by the task's coroutine (for the error event and the log line).
+WHERE = {"_read": "the upstream reader", "keepalive": "the keepalive", "_recover": "recovery",
+         "_watch_first_event": "the first-event watchdog", "upstream_message": "the upstream reader",
+         "close": "closing an upstream connection"}
 
 
 class Session:
@@ -57,6 +62,7 @@ class Session:
         self._failed_closed: Decision | None = None
         self._turn_ended = asyncio.Event()  # set whenever the turn in flight ends
         self._finished = asyncio.Event()  # set when close() is done
+        self._crashing = False  # an internal error is failing the session closed
 
     @property
     def upstream(self) -> Upstream | None:
@@ -88,6 +94,8 @@ class Session:
                 await self._from_client(message)
         except ConnectionClosed:
             pass
+        except Exception as e:  # our own bug: fail closed, never leave the client waiting
+            await self._crashed("the client reader", e)
         finally:
             await self.close()
 
@@ -157,11 +165,39 @@ class Session:
         return f"{self.flow_id}  {self.target.url}  {turns}; {upstream}; {self.recoveries} recoveries{last}"
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """Run ``coro`` as one of this session's tasks (cancelled when the session closes)."""
+        """Run ``coro`` as one of this session's tasks: cancelled when the session closes, and supervised: an
+        exception in it fails the session closed (one structured error event, a non-1000 close, one log line)."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._supervise)
         return task
+
+    def _supervise(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        where = getattr(task.get_coro(), "__qualname__", "a session task")
+        asyncio.ensure_future(self._crashed(WHERE.get(where.rsplit(".", 1)[-1], where), task.exception()))
+
+    async def _crashed(self, where: str, exc: BaseException) -> None:
+        """Any exception in the session's own work ends the session, closed with an error that names the cause;
+        other sessions go on."""
+        if self._crashing:
+            return
+        self._crashing = True
+        where = getattr(exc, "replayguard_where", where)
+        log.error("flow %s: replayguard internal error in %s; session failed closed", self.flow_id, where,
+                  exc_info=exc)
+        if self.closed:
+            return
+        try:
+            await self._fail(self.chain.turn, internal_error(where, exc))
+        except Exception:
+            log.exception("flow %s: failing closed failed too; connections dropped", self.flow_id)
+            for ws in (self.client, self.upstream.ws if self.upstream is not None else None):
+                if ws is not None and ws.transport is not None:
+                    ws.transport.abort()
+        await self.close()
 
     def _end_reason(self) -> str:
         if self._failed_closed is not None:
@@ -173,10 +209,7 @@ class Session:
     # -- client -> upstream -----------------------------------------------------------------------
     async def _from_client(self, message: str | bytes) -> None:
         if isinstance(message, str):
-            try:
-                obj = json.loads(message)
-            except ValueError:
-                obj = None
+            obj = parse(message)
             if isinstance(obj, dict) and obj.get("type") == "response.create":
                 if self.chain.turn is not None:
                     await self._wait_for_turn_end()
@@ -282,10 +315,7 @@ class Session:
         result = None
         event: dict[str, Any] | None = None
         if not is_delta(message):  # deltas, most of a stream, are never needed by the state: not decoded
-            try:
-                event = json.loads(message)
-            except ValueError:
-                event = None
+            event = parse(message)
             if not isinstance(event, dict):
                 await self._to_client(message)
                 return
@@ -370,6 +400,13 @@ class Session:
         )
 
     async def _recover_locked(self, turn: Turn, trigger: Trigger, detail: str = "") -> None:
+        try:
+            await self._carry_over(turn, trigger, detail)
+        except Exception as e:
+            e.replayguard_where = "recovery"  # type: ignore[attr-defined]  # named for the log and the client
+            raise
+
+    async def _carry_over(self, turn: Turn, trigger: Trigger, detail: str) -> None:
         decision = decide(self._situation(turn, trigger, turn.attempts))
         if decision.fails:
             await self._fail(turn, decision)

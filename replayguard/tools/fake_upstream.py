@@ -64,10 +64,15 @@ def validate(context: list[Any], store: bool) -> None:
     """The upstream's input validation, in the order it reports problems."""
     calls: set[str] = set()
     approvals: set[str] = set()
-    for item in context:
+    for index, item in enumerate(context):
         if not isinstance(item, dict):
             raise RequestFailed(400, None, "Invalid input item.", "input")
         kind = item.get("type")
+        for key in ("type", "call_id"):
+            if key in item and not isinstance(item[key], str):
+                got = {dict: "an object", list: "an array"}.get(type(item[key]), type(item[key]).__name__)
+                raise RequestFailed(400, "invalid_type", f"Invalid type for 'input[{index}].{key}': expected a string, "
+                                    f"but got {got} instead.", f"input[{index}].{key}")
         if kind == "item_reference" or (set(item) <= {"id", "type"} and "id" in item):
             if not store:
                 raise RequestFailed(400, None, f"Item with id '{item.get('id')}' not found. Items are not persisted "
@@ -374,7 +379,7 @@ class FakeUpstream:
             return
         try:
             obj = json.loads(message)
-        except ValueError:
+        except (ValueError, RecursionError):  # the upstream answers too-deep JSON as invalid, too
             self.received.append((conn.id, {"_raw": message}))
             await self._error(conn, RequestFailed(400, None, "Invalid JSON.", None))
             return

@@ -194,29 +194,55 @@ def _turn(view: SessionView, number: Any) -> TurnView | None:
     return None
 
 
+def _summaries(value: Any) -> list[Summary]:
+    """Item summaries as the model needs them, whatever a (possibly broken or hostile) file holds: objects only,
+    a type and a call_id that are strings or absent."""
+    if not isinstance(value, list):
+        return []
+    out = []
+    for item in value:
+        if not isinstance(item, dict):
+            continue
+        summary = dict(item)
+        kind = summary.get("type")
+        summary["type"] = kind if isinstance(kind, str) or kind is None else f"<{type(kind).__name__}>"
+        for key in ("call_id", "id"):
+            if key in summary and not isinstance(summary[key], str):
+                del summary[key]
+        out.append(summary)
+    return out
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def _kinds(items: list[Summary]) -> str:
     return ", ".join(f"{i.get('type')}({i['call_id']})" if "call_id" in i else str(i.get("type")) for i in items) or "-"
 
 
 def _apply(view: SessionView, r: dict[str, Any]) -> None:
     event, ts = r["event"], r.get("ts") or 0.0
+    if not isinstance(ts, (int, float)):
+        ts = 0.0
     if event == "session.start":
-        view.url = r.get("url", "")
-        view.source = r.get("source", "trace")
+        view.url = str(r.get("url", ""))
+        view.source = str(r.get("source", "trace"))
     elif event == "turn.start":
-        view.turns.append(TurnView(number=r.get("turn", len(view.turns) + 1), ts=ts,
-                                   previous_response_id=r.get("previous_response_id"),
-                                   input=list(r.get("input") or []), model=r.get("model"),
+        number = r.get("turn")
+        view.turns.append(TurnView(number=number if isinstance(number, int) else len(view.turns) + 1, ts=ts,
+                                   previous_response_id=_text(r.get("previous_response_id")),
+                                   input=_summaries(r.get("input")), model=_text(r.get("model")),
                                    store=r.get("store", True) is not False))
     elif event == "turn.end":
         turn = _turn(view, r.get("turn"))
         if turn is None:
             return
-        turn.status = r.get("status", "?")
-        turn.response_id = r.get("response_id")
-        turn.output = list(r.get("output") or [])
-        turn.ms = r.get("ms")
-        turn.error = r.get("error")
+        turn.status = str(r.get("status", "?"))
+        turn.response_id = _text(r.get("response_id"))
+        turn.output = _summaries(r.get("output"))
+        turn.ms = r.get("ms") if isinstance(r.get("ms"), (int, float)) else None
+        turn.error = r.get("error") if isinstance(r.get("error"), dict) else None
         if turn.status == "aborted":
             view.timeline.append((ts, f"turn {turn.number} aborted: {r.get('reason', '')}"))
     elif event == "handshake":
@@ -245,7 +271,7 @@ def _apply(view: SessionView, r: dict[str, Any]) -> None:
         view.timeline.append((ts, f"↻ turn {r.get('turn')} {verb} on upstream #{r.get('to_conn')} "
                                   f"after {r.get('trigger')} ({what})"))
         if turn is not None and r.get("input") is not None:
-            turn.replayed_input = list(r["input"])
+            turn.replayed_input = _summaries(r["input"])
     elif event == "fail_close":
         view.failed_closed = True
         error = (r.get("error") or {}).get("error") or {}
