@@ -191,3 +191,30 @@ def test_commands_reach_live_sessions_through_mitmproxys_command_machinery():
 def test_session_commands_is_registered_beside_the_addon():
     guard = ReplayGuard()
     assert any(isinstance(a, SessionCommands) for a in guard.addons)
+
+
+def test_trim_drops_the_oldest_deltas_first_and_says_so():
+    from mitmproxy.websocket import WebSocketMessage
+    from wsproto.frame_protocol import Opcode
+
+    flow = tflow.twebsocketflow()
+    view = FlowView(flow, DEST)
+    messages = []
+    for turn in range(5):
+        messages.append(WebSocketMessage(Opcode.TEXT, True, b'{"type":"response.create","turn":%d}' % turn))
+        messages += [WebSocketMessage(Opcode.TEXT, False, b'{"type":"response.output_text.delta","delta":"%d"}' % i)
+                     for i in range(30)]
+        messages.append(WebSocketMessage(Opcode.TEXT, False, b'{"type":"response.completed","turn":%d}' % turn))
+    messages.append(WebSocketMessage(Opcode.TEXT, False, b'{"type":"replayguard.recovery"}', injected=True))
+    flow.websocket.messages[:] = messages
+    view.trim(100)
+    kept = flow.websocket.messages
+    assert len(kept) == 100 and view.dropped == len(messages) - 100
+    assert sum(m.from_client for m in kept) == 5  # every create stays
+    assert sum(b"response.completed" in m.content for m in kept) == 5 and kept[-1].injected
+    deltas = [i for i, m in enumerate(messages) if b".delta" in m.content]
+    kept_ids = {id(m) for m in kept}
+    assert all(id(messages[i]) not in kept_ids for i in deltas[:view.dropped])  # the oldest deltas went first
+    assert all(id(messages[i]) in kept_ids for i in deltas[view.dropped:])
+    assert flow.metadata["replayguard_dropped_messages"] == view.dropped
+    assert f"{view.dropped} older messages dropped (limits.flow_messages)" in flow.comment

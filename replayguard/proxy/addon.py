@@ -145,7 +145,7 @@ class ReplayGuard:
         listeners += [SessionLog(flow.id), view]
         faults = rules.faults_for(match.name, match.path, flow)
         session = Session(flow.id, target, rules, self.store, listeners, FaultInjector(faults) if faults else None,
-                          principal(target.headers, PRINCIPAL_KEY))
+                          principal(target.headers, PRINCIPAL_KEY), rules.client.interval(idle_timeout()))
         client = flow.client_conn.peername
         try:
             await session.open(f"{client[0]}:{client[1]}" if client else "")
@@ -167,6 +167,14 @@ class ReplayGuard:
         live = self.flows.get(flow.id)
         if live is not None:
             live.view.attach()
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        live = self.flows.get(flow.id)
+        if live is None:
+            return
+        limit = live.session.rules.limits.flow_messages
+        if limit and len(flow.websocket.messages) > limit + limit // 10:  # trimmed in batches: O(1) a message
+            live.view.trim(limit)
 
     async def websocket_end(self, flow: http.HTTPFlow) -> None:
         live = self.flows.pop(flow.id, None)
@@ -262,6 +270,17 @@ class ReplayGuard:
         else:
             body = http_error_body(status, "upstream_handshake_failed", e.detail)
         return http.Response.make(status, body, {"content-type": "application/json"})
+
+
+def idle_timeout() -> float:
+    """Seconds mitmproxy lets a connection sit idle before it closes it: the tcp_timeout option (mitmproxy >= 12.2),
+    a constant before that."""
+    value = getattr(ctx.options, "tcp_timeout", None)
+    if value:
+        return float(value)
+    from mitmproxy.proxy import server
+
+    return float(getattr(server, "TCP_TIMEOUT", 600))
 
 
 def _tls_settings(options: Any) -> TlsSettings:

@@ -25,7 +25,7 @@ from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
 from ..core import events as ev
-from ..core.messages import parse
+from ..core.messages import is_delta, parse
 from ..core.records import FLOW_RECORD, Bodies, record_of
 from ..core.recovery import Trigger
 from .destination import Destination
@@ -54,6 +54,7 @@ class FlowView:
         self.pending: list[WebSocketMessage] = []  # records made before the WebSocket existed (open, handshake)
         self.notes: list[str] = []  # comment lines
         self.counts = {"recoveries": 0, "faults": 0, "failed closed": 0}
+        self.dropped = 0  # messages dropped from the flow under limits.flow_messages
         self._server: tuple[ev.Handshake, float] | None = None  # the upstream connection shown, and when it opened
 
     # -- the listener -----------------------------------------------------------------------------
@@ -90,6 +91,29 @@ class FlowView:
         self._describe_server()
         self._update()
 
+    def trim(self, limit: int) -> None:
+        """Keep at most ``limit`` messages of the live flow (limits.flow_messages; mitmproxy keeps them all): the
+        oldest delta events go first, then the oldest upstream events; the client's own messages and replayguard's
+        records last. The count dropped is shown on the flow."""
+        ws = self.flow.websocket
+        if ws is None or len(ws.messages) <= limit:
+            return
+        excess = len(ws.messages) - limit
+        ranks = []  # (rank, index): lower ranks go first, and older before newer
+        for index, message in enumerate(ws.messages[:-1]):  # never the message being handled now
+            if message.from_client or message.injected:
+                rank = 2
+            elif message.is_text and is_delta(message.content[:96].decode("utf-8", "replace")):
+                rank = 0
+            else:
+                rank = 1
+            ranks.append((rank, index))
+        drop = {index for _, index in sorted(ranks)[:excess]}
+        ws.messages[:] = [m for i, m in enumerate(ws.messages) if i not in drop]
+        self.dropped += len(drop)
+        self.flow.metadata["replayguard_dropped_messages"] = self.dropped
+        self._comment()
+
     # -- what mitmweb shows -----------------------------------------------------------------------
     def _note(self, event: ev.Event) -> None:
         if isinstance(event, ev.Recovered):
@@ -112,7 +136,12 @@ class FlowView:
         self.counts[key] += 1
         symbol = {"failed": "✗", "recovered": "⟲"}.get(kind, "⚡")
         self.notes.append(f"{symbol} {text}")
+        self._comment()
+
+    def _comment(self) -> None:
         summary = ", ".join(f"{n} {what}" for what, n in self.counts.items() if n)
+        if self.dropped:
+            summary += f"{', ' if summary else ''}{self.dropped} older messages dropped (limits.flow_messages)"
         lines = self.notes[-MAX_COMMENT_LINES:]
         if len(self.notes) > MAX_COMMENT_LINES:
             lines.insert(0, f"… {len(self.notes) - MAX_COMMENT_LINES} earlier (all are in the flow's messages)")

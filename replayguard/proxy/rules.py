@@ -65,10 +65,25 @@ class RecoveryRules:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientRules:
+    """The client's side of a session: kept alive through mitmproxy's idle timeout while it answers pings."""
+
+    keepalive_interval: float | str = "auto"  # seconds between pings; auto: a quarter of mitmproxy's tcp_timeout
+    pong_timeout: float = 20.0  # a client that does not answer a ping within this is gone
+
+    def interval(self, idle_timeout: float) -> float:
+        """Seconds between pings to the client (0: none), well inside mitmproxy's idle timeout."""
+        if self.keepalive_interval == "auto":
+            return max(0.5, min(idle_timeout / 4, 150.0))
+        return float(self.keepalive_interval)
+
+
+@dataclass(frozen=True, slots=True)
 class LimitRules:
     max_chain_bytes: int = 256 * 2**20
     max_saved_responses: int = 10_000
     resume_ttl: float = 600.0
+    flow_messages: int = 0  # keep at most this many WebSocket messages of a live session's flow (0: all)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +98,7 @@ class Rules:
     recovery: RecoveryRules = RecoveryRules()
     limits: LimitRules = LimitRules()
     trace: TraceRules = TraceRules()
+    client: ClientRules = ClientRules()
     faults: tuple[FaultRule, ...] = ()
     source: str = "<defaults>"
 
@@ -115,7 +131,7 @@ class Rules:
             faults.append(entry)
         doc: dict[str, Any] = {"match": [matcher(m) for m in self.match], "upstream": section(self.upstream),
                                "recovery": section(self.recovery), "limits": section(self.limits),
-                               "trace": section(self.trace)}
+                               "trace": section(self.trace), "client": section(self.client)}
         if faults:
             doc["faults"] = faults
         return doc
@@ -163,6 +179,25 @@ def _range(low: float, high: float, integer: bool = False) -> Check:
     return check
 
 
+def _auto_or(check: Check) -> Check:
+    def auto_or(value: Any) -> Any:
+        if value == "auto":
+            return value
+        try:
+            return check(value)
+        except ValueError as e:
+            raise ValueError(f"{e} or auto") from None
+
+    return auto_or
+
+
+def _flow_messages(value: Any) -> int:
+    count = _number(0, integer=True)(value)
+    if 0 < count < 100:
+        raise ValueError(f"expected 0 (keep all) or at least 100 messages, got {value!r}")
+    return count
+
+
 def _close_code(value: Any) -> int:
     code = _range(1000, 4999, integer=True)(value)
     if code in (1004, 1005, 1006, 1015):
@@ -197,8 +232,9 @@ SECTIONS: dict[str, tuple[type, dict[str, Check]]] = {
     ),
     "recovery": (RecoveryRules, {"policy": _policy, "max_retries": _number(0, integer=True)}),
     "limits": (LimitRules, {"max_chain_bytes": _number(1, integer=True), "max_saved_responses": _number(1, integer=True),
-                            "resume_ttl": _number(0)}),
+                            "resume_ttl": _number(0), "flow_messages": _flow_messages}),
     "trace": (TraceRules, {"bodies": _choice(Bodies)}),
+    "client": (ClientRules, {"keepalive_interval": _auto_or(_number(0)), "pong_timeout": _number(0.001)}),
 }
 MATCH_KEYS: dict[str, Check] = {"host": _glob, "path": _glob, "filter": _filter}
 

@@ -42,7 +42,7 @@ WHERE = {"_read": "the upstream reader", "keepalive": "the keepalive", "_recover
 class Session:
     def __init__(self, flow_id: str, target: Target, rules: Rules, store: ChainStore,
                  listeners: list[ev.Listener] | None = None, faults: FaultInjector | None = None,
-                 principal: str = "") -> None:
+                 principal: str = "", client_keepalive: float = 0.0) -> None:
         self.flow_id = flow_id
         self.target = target
         self.rules = rules
@@ -54,6 +54,7 @@ class Session:
         self.closed = False
         self.recoveries = 0
         self.last_recovery: str | None = None  # for replayguard.sessions
+        self.client_keepalive = client_keepalive  # seconds between pings to the client (0: none)
         self._lock = asyncio.Lock()  # one writer of the upstream side at a time
         self._tasks: set[asyncio.Task[Any]] = set()
         self._inflight: tuple[Turn, Upstream] | None = None  # the turn in flight and where it was sent
@@ -63,6 +64,7 @@ class Session:
         self._turn_ended = asyncio.Event()  # set whenever the turn in flight ends
         self._finished = asyncio.Event()  # set when close() is done
         self._crashing = False  # an internal error is failing the session closed
+        self._client_gone = False  # the client stopped answering pings
 
     @property
     def upstream(self) -> Upstream | None:
@@ -89,6 +91,8 @@ class Session:
             self.link.start(self.link.current)
         if self.rules.upstream.keepalive_interval > 0:
             self.spawn(self.link.keepalive(lambda: self.chain.turn))
+        if self.client_keepalive > 0:
+            self.spawn(self._keep_client_alive())
         try:
             async for message in client:
                 await self._from_client(message)
@@ -98,6 +102,25 @@ class Session:
             await self._crashed("the client reader", e)
         finally:
             await self.close()
+
+    async def _keep_client_alive(self) -> None:
+        """Ping the client through mitmproxy, whose idle timeout would otherwise cut a client that is only thinking
+        between turns (any frame resets it); a client that stops answering is gone: the session ends, its chain
+        stays resumable for resume_ttl."""
+        timeout = self.rules.client.pong_timeout
+        while not self.closed and self.client is not None:
+            await asyncio.sleep(self.client_keepalive)
+            try:
+                pong = await self.client.ping()
+                await asyncio.wait_for(pong, timeout)
+            except ConnectionClosed:
+                return
+            except asyncio.TimeoutError:
+                log.info("flow %s: the client answered no ping within %gs; treated as gone", self.flow_id, timeout)
+                self._client_gone = True
+                await self._close_client(1011, "client did not answer pings")
+                await self.close()
+                return
 
     async def close(self) -> None:
         """Free everything; closing the upstream stops a response still being generated."""
@@ -202,6 +225,8 @@ class Session:
     def _end_reason(self) -> str:
         if self._failed_closed is not None:
             return f"failed closed: {self._failed_closed.reason}"
+        if self._client_gone:
+            return "client stopped answering pings"
         ws = self.client
         code = ws.close_code if ws is not None else None
         return f"client closed ({code})" if code is not None else "closed"
