@@ -14,6 +14,7 @@ any other 400, a 429 or code server_is_overloaded ends its run.
 | recovery retries for the turn exhausted    | 502    | server_error          | upstream_retries_exhausted    | 1011  |
 | strict policy, tool output involved        | (none: close only, as the peer gateway) |                     | 1008  |
 | an internal error of replayguard's         | 500    | server_error          | replayguard_internal_error    | 1011  |
+| the proxy stops during a turn              | 503    | server_error          | replayguard_shutting_down     | 1001  |
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 PREFIX = "replayguard: "
 
 CLOSE_INTERNAL = 1011
+CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 STRICT_CLOSE_REASON = "upstream continuation connection is unavailable; please restart the conversation"
 
@@ -66,3 +68,10 @@ def close_reason(text: str) -> str:
     if len(raw) <= 123:
         return text
     return raw[:120].decode(errors="ignore") + "..."
+
+
+SHUTTING_DOWN = "replayguard_shutting_down"
+
+
+def shutting_down(message: str) -> dict[str, Any]:
+    return error_event(503, "server_error", SHUTTING_DOWN, message)

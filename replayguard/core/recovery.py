@@ -109,6 +109,12 @@ def internal_error(where: str, exc: BaseException) -> Decision:
     return _fail(reason, errors.internal_error(reason))
 
 
+def shutting_down() -> Decision:
+    """The proxy is stopping with a turn in flight: a retryable error, and the close code for going away."""
+    reason = "the proxy is shutting down; retry the turn"
+    return _fail(reason, errors.shutting_down(reason), errors.CLOSE_GOING_AWAY)
+
+
 def handshake_failed(trigger: Trigger, status: int | None, detail: str) -> Decision:
     """The fresh connection a recovery needed could not be opened."""
     what = f"HTTP {status}" if status else detail

@@ -18,6 +18,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from .session import Session
 
 log = logging.getLogger(__name__)
+SHUTDOWN_TIMEOUT = 3.0  # seconds every session together has to close when mitmproxy stops
 logging.getLogger("websockets").setLevel(logging.WARNING)  # it logs every frame at DEBUG otherwise
 
 def limit_message_size(ws: ServerConnection, size: int) -> None:
@@ -109,12 +110,22 @@ class Bridge:
         finally:
             self.active.discard(session)
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
+        """Stop accepting, and shut every session down at once (a silent upstream must not hold the others up)."""
         for session in list(self.expected.values()):
             self.discard(session)
-        for session in list(self.active):
-            await session.close()
         if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+            self._server.close(close_connections=False)  # the sessions close their clients themselves
+        tasks = [asyncio.ensure_future(session.shutdown()) for session in list(self.active)]
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("replayguard: %d session(s) did not close within %gs at shutdown", len(pending), timeout)
+        if self._server is not None:
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 1)
+            except asyncio.TimeoutError:
+                pass
             self._server = None

@@ -24,7 +24,9 @@ from ..core.chain import Chain, ChainStore, RequestError, Turn
 from ..core.faults import FaultInjector, FaultRule
 from ..core.messages import is_delta, parse
 from ..core.records import error_fields
-from ..core.recovery import Action, Decision, Situation, Trigger, decide, handshake_failed, internal_error
+from ..core.errors import CLOSE_GOING_AWAY
+from ..core.recovery import (Action, Decision, Situation, Trigger, decide, handshake_failed, internal_error,
+                             shutting_down)
 from ..core.redact import redact_url
 from .injection import CONNECTION_FAULTS, FaultActions
 from .link import UpstreamLink
@@ -65,6 +67,7 @@ class Session:
         self._finished = asyncio.Event()  # set when close() is done
         self._crashing = False  # an internal error is failing the session closed
         self._client_gone = False  # the client stopped answering pings
+        self._shutdown = False  # closed because the proxy stops
 
     @property
     def upstream(self) -> Upstream | None:
@@ -121,6 +124,21 @@ class Session:
                 await self._close_client(1011, "client did not answer pings")
                 await self.close()
                 return
+
+    async def shutdown(self) -> None:
+        """The proxy is stopping: a client mid-turn gets a retryable error event, every client close 1001 (going
+        away); a silent upstream is dropped, not waited for."""
+        if self.closed:
+            return
+        turn = self.chain.turn
+        if turn is not None:
+            await self._fail(turn, shutting_down())
+        else:
+            self._shutdown = True
+            await self._close_client(CLOSE_GOING_AWAY, "replayguard is shutting down")
+        if self.upstream is not None:
+            self.upstream.abort()
+        await self.close()
 
     async def close(self) -> None:
         """Free everything; closing the upstream stops a response still being generated."""
@@ -227,6 +245,8 @@ class Session:
             return f"failed closed: {self._failed_closed.reason}"
         if self._client_gone:
             return "client stopped answering pings"
+        if self._shutdown:
+            return "the proxy shut down"
         ws = self.client
         code = ws.close_code if ws is not None else None
         return f"client closed ({code})" if code is not None else "closed"
