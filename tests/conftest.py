@@ -110,7 +110,7 @@ def mitm(tmp_path: Path) -> Iterator[Callable[..., Mitmdump]]:
 
     def start(fake: FakeUpstream | None = None, mode: str = "reverse", rules: dict[str, Any] | None = None,
               args: list[str] | None = None, env: dict[str, str] | None = None, ready: str | None = None,
-              verbosity: str = "info", **sections: Any) -> Mitmdump:
+              verbosity: str = "info", nofile: tuple[int, int] | None = None, **sections: Any) -> Mitmdump:
         merged = json.loads(json.dumps(BASE_RULES)) if rules is None else rules
         for name, values in sections.items():
             if isinstance(values, list):
@@ -125,7 +125,7 @@ def mitm(tmp_path: Path) -> Iterator[Callable[..., Mitmdump]]:
         work.mkdir()
         if not any("replayguard_trace=" in a for a in extra):
             extra += ["--set", f"replayguard_trace={work / 'trace.jsonl'}"]  # every scenario is traced
-        proc = Mitmdump(work, extra, merged, env=env, ready=ready, verbosity=verbosity)
+        proc = Mitmdump(work, extra, merged, env=env, ready=ready, verbosity=verbosity, nofile=nofile)
         started.append(proc)
         return proc.start()
 

@@ -4,6 +4,8 @@ router (:mod:`replayguard.proxy.routing`) takes a matched flow to the bridge."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import logging
 import secrets
 from dataclasses import dataclass
@@ -28,7 +30,8 @@ from .routing import Router
 from .rules import DEFAULT_RULES, Rules, RulesError, load_rules
 from .session import Session
 from .tracing import SessionTrace, TraceWriter
-from .upstream import HandshakeFailed, Target, TlsSettings, forwardable, tls_context
+from .resources import DescriptorAlarm, raise_open_files_limit
+from .upstream import OVERLOADED, HandshakeFailed, Target, TlsSettings, forwardable, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ class ReplayGuard:
         self.router = Router(self)
         self.addons = [SessionCommands(self)]  # mitmproxy registers these beside the addon
         self.contentview: object | None = None
+        self.alarm: DescriptorAlarm | None = None  # reports running out of file descriptors once per burst
         self.matched: dict[str, Match] = {}  # flow id -> match, until the router takes the flow
         self.flows: dict[str, Live] = {}  # live sessions, by flow id
         self.tls = TlsSettings()
@@ -85,6 +89,9 @@ class ReplayGuard:
             "Write a chain trace (JSON Lines, private to the user) to this file, or to a new file in this "
             "directory (trailing slash or an existing directory). Read it with `python -m replayguard trace FILE`.",
         )
+        raised = raise_open_files_limit()  # a session holds several descriptors
+        if raised is not None:
+            log.info("replayguard: raised the open-files limit from %d to %d", *raised)
         self.router.install()  # last in mitmproxy's chain: after every other addon's request hook
         self.contentview = contentview.register()  # "Responses", chosen automatically for Responses messages
 
@@ -151,8 +158,11 @@ class ReplayGuard:
             await session.open(f"{client[0]}:{client[1]}" if client else "")
         except HandshakeFailed as e:
             flow.response = self._refusal(e)
-            log.warning("flow %s: upstream handshake to %s failed: %s -> HTTP %d to client",
-                        flow.id, redact_url(target.url), scrub(e.detail), flow.response.status_code)
+            if e.code == OVERLOADED and self.alarm is not None:
+                self.alarm.note(OSError(errno.EMFILE, os.strerror(errno.EMFILE)))  # one line a burst, not a flow
+            else:
+                log.warning("flow %s: upstream handshake to %s failed: %s -> HTTP %d to client",
+                            flow.id, redact_url(target.url), scrub(e.detail), flow.response.status_code)
             flow.marked = MARK_FAILED
             flow.comment = f"replayguard: upstream handshake failed: {scrub(e.detail)}"
             return None
@@ -189,6 +199,8 @@ class ReplayGuard:
 
     def running(self) -> None:
         self.router.ensure_last()
+        if self.alarm is None:
+            self.alarm = DescriptorAlarm(asyncio.get_running_loop())
         if self._watcher is None:
             self._watcher = asyncio.ensure_future(self._watch_rules())
 
@@ -206,6 +218,9 @@ class ReplayGuard:
             self._watcher = None
         self.router.done()
         self.router.uninstall()
+        if self.alarm is not None:
+            self.alarm.uninstall()
+            self.alarm = None
         if self.contentview is not None:
             contentview.unregister(self.contentview)
             self.contentview = None
@@ -268,7 +283,7 @@ class ReplayGuard:
         if e.status and e.body and "json" in e.content_type:
             body = e.body  # the upstream's own error, unchanged
         else:
-            body = http_error_body(status, "upstream_handshake_failed", e.detail)
+            body = http_error_body(status, e.code, e.detail)
         return http.Response.make(status, body, {"content-type": "application/json"})
 
 

@@ -18,6 +18,7 @@ from websockets.exceptions import InvalidHandshake, InvalidProxy, InvalidStatus,
 
 from ..core.redact import redact_url, scrub
 from .destination import Destination, bracket_host
+from .resources import is_exhaustion
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +110,17 @@ def tls_context(settings: TlsSettings) -> ssl.SSLContext:
 class HandshakeFailed(Exception):
     """The upstream refused the WebSocket upgrade, or could not be reached."""
 
-    def __init__(self, detail: str, status: int | None = None, body: bytes = b"", content_type: str = "") -> None:
+    def __init__(self, detail: str, status: int | None = None, body: bytes = b"", content_type: str = "",
+                 code: str = "upstream_handshake_failed") -> None:
         super().__init__(detail)
         self.detail = detail
         self.status = status
         self.body = body
         self.content_type = content_type
+        self.code = code  # the error code a client gets when this refuses its handshake
+
+
+OVERLOADED = "replayguard_out_of_descriptors"
 
 
 @dataclass(slots=True)
@@ -268,17 +274,27 @@ async def open_upstream(target: Target) -> Upstream:
             bytes(response.body or b""),
             response.headers.get("Content-Type", ""),
         ) from None
-    except (InvalidHandshake, InvalidURI, InvalidProxy, OSError, asyncio.TimeoutError, EOFError, ValueError) as e:
-        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        for url in (uri, target.url, d.proxy_url or ""):  # a URL may carry a key, a proxy URL a password
-            if url:
-                detail = detail.replace(url, redact_url(url))
-        if d.proxy_auth:
-            detail = detail.replace(d.proxy_auth, "[redacted]")
-        detail = scrub(detail)
-        raise HandshakeFailed(f"cannot connect to upstream: {detail}") from None
+    except OSError as e:
+        if is_exhaustion(e):  # our process, not the upstream: a clean 503 the client may retry
+            raise HandshakeFailed(f"replayguard is out of file descriptors ({e.strerror})", 503,
+                                  code=OVERLOADED) from None
+        raise _unreachable(e, uri, target) from None
+    except (InvalidHandshake, InvalidURI, InvalidProxy, asyncio.TimeoutError, EOFError, ValueError) as e:
+        raise _unreachable(e, uri, target) from None
     upstream = Upstream(ws)
     state = ws.response.headers.get(TURN_STATE) if ws.response is not None else None
     if state:
         target.turn_state = state
     return upstream
+
+
+def _unreachable(e: BaseException, uri: str, target: Target) -> HandshakeFailed:
+    """The upstream could not be reached: the cause, with any credential in a URL redacted."""
+    d = target.destination
+    detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    for url in (uri, target.url, d.proxy_url or ""):  # a URL may carry a key, a proxy URL a password
+        if url:
+            detail = detail.replace(url, redact_url(url))
+    if d.proxy_auth:
+        detail = detail.replace(d.proxy_auth, "[redacted]")
+    return HandshakeFailed(f"cannot connect to upstream: {scrub(detail)}")

@@ -35,11 +35,13 @@ class Mitmdump:
     TOOL = "mitmdump"
 
     def __init__(self, tmp: Path, args: list[str], rules: dict[str, Any] | None, addon: bool = True,
-                 verbosity: str = "info", env: dict[str, str] | None = None, ready: str | None = None) -> None:
+                 verbosity: str = "info", env: dict[str, str] | None = None, ready: str | None = None,
+                 nofile: tuple[int, int] | None = None) -> None:
         """``ready``: the log line that says mitmdump is ready (its group 1, if any, is the listening port);
         ``env``: variables added to the environment (proxy variables are always removed)."""
         self.tmp = tmp
         self.extra_env = env or {}
+        self.nofile = nofile  # (soft, hard) open-files limit to start it under, as `ulimit -n` would
         self.ready = ready or self.READY
         tmp.mkdir(parents=True, exist_ok=True)
         self.addon = addon
@@ -69,7 +71,8 @@ class Mitmdump:
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         env.update(self.extra_env)
         self.proc = subprocess.Popen(
-            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=self.tmp
+            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=self.tmp,
+            preexec_fn=self._limits if self.nofile else None,
         )
         threading.Thread(target=self._pump, daemon=True).start()
         deadline = time.monotonic() + timeout
@@ -84,6 +87,12 @@ class Mitmdump:
                 raise RuntimeError(f"mitmdump exited with {self.proc.returncode}:\n{self.log}")
             time.sleep(0.05)
         raise RuntimeError(f"mitmdump did not start:\n{self.log}")
+
+    def _limits(self) -> None:
+        import resource
+
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
 
     def _pump(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
