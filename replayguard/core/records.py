@@ -39,6 +39,8 @@ from .messages import parse
 from .redact import redact_headers
 
 SCHEMA = 1
+MAX_ITEMS = 200  # item summaries kept of one request or replay (the first and last half), so records stay small
+OMITTED = "…"  # the type of the summary standing for the items left out
 FLOW_RECORD = "replayguard."  # a flow message whose JSON "type" starts so is a record replayguard kept in the flow
 PREVIEW_CHARS = 80
 
@@ -91,11 +93,17 @@ def summarize_item(item: Any, bodies: Bodies = Bodies.NONE) -> dict[str, Any]:
 
 
 def summarize_items(items: Any, bodies: Bodies = Bodies.NONE) -> list[dict[str, Any]]:
+    """Summaries of the items, at most MAX_ITEMS of them: a full-history resend of thousands of items keeps its
+    first and last ones and one ``{"type": "…", "omitted": N}`` between, so a record never grows with the message."""
     if isinstance(items, str):
-        items = [{"type": "message", "role": "user", "content": items}]
+        items = [{"type": "message", "role": "user", "content": items[:4 * PREVIEW_CHARS]}]
     if not isinstance(items, list):
         return []
-    return [summarize_item(i, bodies) for i in items]
+    if len(items) <= MAX_ITEMS:
+        return [summarize_item(i, bodies) for i in items]
+    half = MAX_ITEMS // 2
+    return ([summarize_item(i, bodies) for i in items[:half]] + [{"type": OMITTED, "omitted": len(items) - 2 * half}]
+            + [summarize_item(i, bodies) for i in items[-half:]])
 
 
 def turn_start_fields(request: Mapping[str, Any], size: int, bodies: Bodies) -> dict[str, Any]:
@@ -191,7 +199,7 @@ def _turn_ended(e: ev.TurnEnded, bodies: Bodies) -> Record:
     turn = e.turn
     fields: dict[str, Any] = {"turn": turn.number, "conn": e.conn, "status": turn.status,
                               "response_id": turn.response_id, "previous_response_id": turn.previous_id,
-                              "output": [summarize_item(i, bodies) for i in turn.outputs], "ms": e.ms}
+                              "output": summarize_items(turn.outputs, bodies), "ms": e.ms}
     event = e.event
     response = event.get("response") if event is not None else None
     if isinstance(response, dict) and isinstance(response.get("usage"), dict):

@@ -22,6 +22,7 @@ from ..core.faults import FaultInjector
 from ..core.redact import principal, redact_url, scrub
 from . import contentview
 from .bridge import Bridge
+from .clock import CLOCK
 from .commands import SessionCommands
 from .destination import Destination, destination_of
 from .flowview import MARK_FAILED, FlowView
@@ -29,7 +30,7 @@ from .reporting import SessionLog
 from .routing import Router
 from .rules import DEFAULT_RULES, Rules, RulesError, load_rules
 from .session import Session
-from .tracing import SessionTrace, TraceWriter
+from .tracing import SessionTrace, TraceFile
 from .resources import DescriptorAlarm, raise_open_files_limit
 from .upstream import OVERLOADED, HandshakeFailed, Target, TlsSettings, forwardable, tls_context
 
@@ -75,7 +76,7 @@ class ReplayGuard:
         self.matched: dict[str, Match] = {}  # flow id -> match, until the router takes the flow
         self.flows: dict[str, Live] = {}  # live sessions, by flow id
         self.tls = TlsSettings()
-        self.trace: TraceWriter | None = None
+        self.trace = TraceFile()  # where every session's records go (nowhere while replayguard_trace is "")
         self._watcher: asyncio.Task[None] | None = None
         self._rules_seen: tuple[int, int] | None = None  # (mtime_ns, size) of the rules file last loaded or refused
 
@@ -146,8 +147,7 @@ class ReplayGuard:
             max_size=rules.upstream.max_message_size,
         )
         listeners: list[Listener] = []
-        if self.trace is not None:
-            listeners.append(SessionTrace(self.trace, flow.id, target.headers, rules.trace.bodies))
+        listeners.append(SessionTrace(self.trace, flow.id, target.headers, rules.trace.bodies))
         view = FlowView(flow, destination, rules.trace.bodies)
         listeners += [SessionLog(flow.id), view]
         faults = rules.faults_for(match.name, match.path, flow)
@@ -201,6 +201,7 @@ class ReplayGuard:
         self.router.ensure_last()
         if self.alarm is None:
             self.alarm = DescriptorAlarm(asyncio.get_running_loop())
+        CLOCK.start()  # timers that discount stalls of our own loop
         if self._watcher is None:
             self._watcher = asyncio.ensure_future(self._watch_rules())
 
@@ -221,25 +222,23 @@ class ReplayGuard:
         if self.alarm is not None:
             self.alarm.uninstall()
             self.alarm = None
+        CLOCK.stop()
         if self.contentview is not None:
             contentview.unregister(self.contentview)
             self.contentview = None
         await self.bridge.stop()
-        if self.trace is not None:
-            self.trace.close()
-            self.trace = None
+        self.trace.close()
 
     def _open_trace(self, path: str) -> None:
-        old, self.trace = self.trace, None
-        if old is not None:
-            old.close()
+        """Trace to ``path`` ("" = stop): live sessions move to the new file."""
         if not path:
+            self.trace.close()
             return
         try:
-            self.trace = TraceWriter(path)
+            writer = self.trace.open(path)
         except OSError as e:
             raise OptionsError(f"replayguard: cannot write trace file {path}: {e.strerror or e}") from None
-        log.info("replayguard: writing chain trace to %s", self.trace.path)
+        log.info("replayguard: writing chain trace to %s", writer.path)
 
     # -- rules reload ------------------------------------------------------------------------------
     def _use(self, rules: Rules) -> None:

@@ -22,6 +22,7 @@ from ..core import events as ev
 from ..core.chain import Turn
 from ..core.recovery import Trigger
 from ..core.redact import redact_url
+from .clock import CLOCK
 from .injection import FaultActions
 from .rules import UpstreamRules
 from .upstream import HandshakeFailed, Target, Upstream, ms_since, open_upstream
@@ -137,7 +138,7 @@ class UpstreamLink:
 
     async def _watch_first_event(self, conn: Upstream, still_waiting: Callable[[], bool]) -> None:
         timeout = self.cfg.first_event_timeout
-        await asyncio.sleep(timeout)
+        await CLOCK.sleep(timeout)  # a stall of our own does not count against the upstream
         if still_waiting():
             self.declare_dead(conn, Trigger.FIRST_EVENT_TIMEOUT, f"nothing within {timeout:g}s of sending the turn")
 

@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, Coroutine
+from typing import Any, Coroutine, Generator, TypeVar
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -22,18 +22,20 @@ from websockets.exceptions import ConnectionClosed
 from ..core import events as ev
 from ..core.chain import Chain, ChainStore, RequestError, Turn
 from ..core.faults import FaultInjector, FaultRule
-from ..core.messages import is_delta, parse
+from ..core.messages import STEP, dumps_steps, is_delta, parse, parse_steps
 from ..core.records import error_fields
 from ..core.errors import CLOSE_GOING_AWAY
 from ..core.recovery import (Action, Decision, Situation, Trigger, decide, handshake_failed, internal_error,
                              shutting_down)
 from ..core.redact import redact_url
+from .clock import CLOCK
 from .injection import CONNECTION_FAULTS, FaultActions
 from .link import UpstreamLink
 from .rules import Rules
 from .upstream import HandshakeFailed, Target, Upstream, ms_since
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Where an internal error happened, by the task's coroutine (for the error event and the log line).
 WHERE = {"_read": "the upstream reader", "keepalive": "the keepalive", "_recover": "recovery",
@@ -115,7 +117,8 @@ class Session:
             await asyncio.sleep(self.client_keepalive)
             try:
                 pong = await self.client.ping()
-                await asyncio.wait_for(pong, timeout)
+                if not await CLOCK.wait(pong, timeout):
+                    raise asyncio.TimeoutError
             except ConnectionClosed:
                 return
             except asyncio.TimeoutError:
@@ -254,7 +257,9 @@ class Session:
     # -- client -> upstream -----------------------------------------------------------------------
     async def _from_client(self, message: str | bytes) -> None:
         if isinstance(message, str):
-            obj = parse(message)
+            obj = parse(message) if len(message) < STEP else await in_steps(parse_steps(message))
+            if self.closed:
+                return
             if isinstance(obj, dict) and obj.get("type") == "response.create":
                 if self.chain.turn is not None:
                     await self._wait_for_turn_end()
@@ -300,17 +305,17 @@ class Session:
             assert self.upstream is not None
             payload = raw
             if self.chain.needs_rewrite(turn):
-                payload = self._resume_payload(turn, raw)
+                payload = await self._resume_payload(turn, raw)
             await self._send_turn(self.upstream, turn, payload)
 
-    def _resume_payload(self, turn: Turn, raw: str) -> str:
+    async def _resume_payload(self, turn: Turn, raw: str) -> str:
         """previous_response_id names a response this connection does not hold (a client that reconnected,
         or a retry after an error): rebuild the request from the chain state when that is safe."""
         decision = decide(self._situation(turn, Trigger.RESUME, attempts=0))
         if decision.action is not Action.REPLAY:
             return raw  # the upstream answers for itself
         body = turn.replay_request()
-        payload = json.dumps(body)
+        payload = await in_steps(dumps_steps(body))
         conn = self.upstream.id if self.upstream is not None else None
         self.last_recovery = f"turn {turn.number}: resumed {turn.previous_id} from chain state"
         self.emit(ev.Recovered(turn, Trigger.RESUME, decision, conn, conn, body, len(payload), sent=payload))
@@ -360,7 +365,9 @@ class Session:
         result = None
         event: dict[str, Any] | None = None
         if not is_delta(message):  # deltas, most of a stream, are never needed by the state: not decoded
-            event = parse(message)
+            event = parse(message) if len(message) < STEP else await in_steps(parse_steps(message))
+            if self.closed:
+                return
             if not isinstance(event, dict):
                 await self._to_client(message)
                 return
@@ -471,7 +478,7 @@ class Session:
         body = None
         if decision.action is Action.REPLAY:
             body = turn.replay_request()
-            payload = json.dumps(body)
+            payload = await in_steps(dumps_steps(body))
         else:
             payload = turn.raw
         self.recoveries += 1
@@ -513,3 +520,13 @@ class Session:
             transport = self.client.transport
             if transport is not None:
                 transport.abort()
+
+
+async def in_steps(steps: Generator[None, None, T]) -> T:
+    """Run a stepwise parse or encoding (core.messages), letting other sessions run between its steps."""
+    try:
+        while True:
+            next(steps)
+            await asyncio.sleep(0)
+    except StopIteration as done:
+        return done.value

@@ -68,26 +68,53 @@ class TraceWriter:
             self._fd = -1
 
 
+class TraceFile:
+    """The trace file every session writes to. When replayguard_trace changes, the new file is opened before the
+    old one is closed and the sessions write wherever this points, so live sessions move to the new file and no
+    record is lost between the two."""
+
+    def __init__(self, writer: TraceWriter | None = None) -> None:
+        self.writer = writer
+
+    def open(self, path: str | Path) -> TraceWriter:
+        """Trace to ``path`` from now on (raises OSError and keeps the current file when it cannot be opened)."""
+        writer = TraceWriter(path)
+        old, self.writer = self.writer, writer
+        if old is not None:
+            old.close()
+        return writer
+
+    def close(self) -> None:
+        old, self.writer = self.writer, None
+        if old is not None:
+            old.close()
+
+
 class SessionTrace:
     """One session's trace: a listener of its events that writes them as records, stamped with the session id and
-    scrubbed of the session's own secrets."""
+    scrubbed of the session's own secrets (nothing while tracing is off)."""
 
-    def __init__(self, writer: TraceWriter, session: str, headers: Iterable[tuple[str, str]],
+    def __init__(self, file: TraceFile, session: str, headers: Iterable[tuple[str, str]],
                  bodies: Bodies = Bodies.SUMMARY) -> None:
-        self.writer = writer
+        self.file = file
         self.session = session
         self.bodies = bodies
         self.secrets = secret_values(headers)
 
     def record(self, event: str, **fields: Any) -> None:
+        writer = self.file.writer
+        if writer is None:
+            return
         try:
-            self.writer.write(self.session, event, self.secrets, **fields)
+            writer.write(self.session, event, self.secrets, **fields)
         except OSError as e:  # a full disk must not take the session down; the log says it once
-            if self.writer.failed is None:
-                self.writer.failed = str(e)
-                log.warning("replayguard: cannot write trace %s: %s (records are being lost)", self.writer.path, e)
+            if writer.failed is None:
+                writer.failed = str(e)
+                log.warning("replayguard: cannot write trace %s: %s (records are being lost)", writer.path, e)
 
     def __call__(self, event: ev.Event) -> None:
+        if self.file.writer is None:
+            return
         record = record_of(event, self.bodies)
         if record is not None:
             self.record(record[0], **record[1])

@@ -17,6 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidProxy, InvalidStatus, InvalidURI
 
 from ..core.redact import redact_url, scrub
+from .clock import CLOCK
 from .destination import Destination, bracket_host
 from .resources import is_exhaustion
 
@@ -168,11 +169,14 @@ class Upstream:
         return time.monotonic() - self.opened_at
 
     async def ping(self, timeout: float) -> bool:
-        """True when a pong arrives within ``timeout`` seconds."""
+        """True when a pong arrives within ``timeout`` seconds (of time our own loop was free to read it)."""
         try:
             waiter = await self.ws.ping()
-            await asyncio.wait_for(waiter, timeout)
-        except (asyncio.TimeoutError, Exception):
+            if not await CLOCK.wait(waiter, timeout):
+                waiter.cancel()
+                return False
+            waiter.result()
+        except Exception:
             return False
         self.last_heard = time.monotonic()
         return True
