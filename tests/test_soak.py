@@ -17,4 +17,10 @@ def test_soak_ci_size_loses_nothing_and_leaves_no_state():
     # The faults really happened and were really recovered from.
     assert sum(counts.faults.values()) >= 10 and set(counts.faults) >= {"close", "drop", "refuse"}
     assert counts.recoveries > 0
+    # Clients misbehaved too: left mid-turn, presented another key's response id, went silent.
+    assert set(counts.client_faults) == {"leave", "stale", "silent"}
+    assert counts.stale_resumed == 0 and counts.stale_refused == counts.client_faults["stale"]
+    # A silent client is dropped once it misses a ping by the loop's own clock (a busy loop gives it longer).
+    assert 1 <= counts.silent_dropped <= counts.client_faults["silent"]
+    assert counts.cross_principal == 0 and counts.internal_errors == 0
     assert counts.ok()

@@ -1,10 +1,12 @@
 """`python -m replayguard soak`: many concurrent tool-call sessions through a real mitmdump with replayguard,
 against the fake upstream failing at random under a fixed seed (closes, TCP drops, silent connections, refused
-handshakes). Prints the counts issue 5 asks for; `lost` and `no_tool_call_found` must be 0, and so must the
-per-flow state the addon holds once every session ended.
+handshakes), and clients misbehaving at random too: leaving mid-turn, presenting another key's response id, going
+silent. It exits 1 on a lost turn, leaked state, an internal error of replayguard's, or one principal's items sent
+on another's connection.
 
-Clients behave like Codex CLI: they chain with previous_response_id, and when a turn fails closed with
-replayguard's error event they reconnect and resend their full history without previous_response_id.
+Clients behave like Codex CLI: each has a key of its own, chains with previous_response_id, and when a turn fails
+closed with replayguard's error event (or its connection is gone) reconnects and resends its full history without
+previous_response_id.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ RULES: dict[str, Any] = {
                  "connect_timeout": 3},
     "recovery": {"policy": "pair-aware", "max_retries": 1},
     "limits": {"resume_ttl": 0},
+    "client": {"keepalive_interval": 0.5, "pong_timeout": 1.0},  # a silent client is found within 1.5 s
 }
+CLIENT_FAULTS = {"leave": 0.04, "stale": 0.04, "silent": 0.02}  # per turn
+SILENCE = 2.5  # seconds a silent client reads nothing
 MAX_ATTEMPTS = 6  # per turn, before the client gives up (counted)
 
 
@@ -52,6 +57,13 @@ class Counts:
     recoveries: int = 0
     no_tool_call_found: int = 0
     state_left: dict[str, int] = field(default_factory=dict)
+    client_faults: dict[str, int] = field(default_factory=dict)  # leave, stale, silent: how often each was done
+    left_then_resumed: int = 0  # turns redone after the client left mid-turn
+    stale_refused: int = 0  # another key's response id answered as the upstream would (not resumed)
+    stale_resumed: int = 0  # ...and resumed anyway (must be 0)
+    silent_dropped: int = 0  # silent clients replayguard closed (they reconnected)
+    cross_principal: int = 0  # upstream requests carrying another principal's items (must be 0)
+    internal_errors: int = 0  # replayguard internal errors in the log (must be 0)
     seconds: float = 0.0
 
     @property
@@ -61,7 +73,8 @@ class Counts:
 
     def ok(self) -> bool:
         return (self.lost == 0 and self.no_tool_call_found == 0 and self.abandoned == 0 and self.unreplayable == 0
-                and self.completed == self.turns and not any(self.state_left.values()))
+                and self.completed == self.turns and not any(self.state_left.values()) and self.stale_resumed == 0
+                and self.cross_principal == 0 and self.internal_errors == 0)
 
 
 async def _attempt(ws: Any, request: dict[str, Any], timeout: float) -> tuple[str, dict[str, Any] | None]:
@@ -82,25 +95,80 @@ async def _attempt(ws: Any, request: dict[str, Any], timeout: float) -> tuple[st
         return "lost", None
 
 
-async def _connect(url: str, counts: Counts) -> Any:
+async def _connect(url: str, counts: Counts, key: str) -> Any:
     """Open the client's WebSocket; a refused handshake (the upstream's 5xx, passed on) is retried, as clients do."""
     for _ in range(20):
         try:
-            return await connect(url, max_size=None, ping_interval=None, open_timeout=10)
+            return await connect(url, max_size=None, ping_interval=None, open_timeout=10, proxy=None,
+                                 additional_headers={"Authorization": f"Bearer {key}"})
         except InvalidStatus:
             counts.refused_connects += 1
             await asyncio.sleep(0.05)
     raise RuntimeError("the client could not connect 20 times in a row")
 
 
+def _count(counts: Counts, fault: str) -> None:
+    counts.client_faults[fault] = counts.client_faults.get(fault, 0) + 1
+
+
+async def _leave_mid_turn(ws: Any, request: dict[str, Any]) -> None:
+    """Send the turn, read a little of its response, and go away without a word."""
+    await ws.send(json.dumps(request))
+    try:
+        await asyncio.wait_for(ws.recv(), 2)
+    except (ConnectionClosed, asyncio.TimeoutError):
+        pass
+    ws.transport.abort()
+
+
+async def _stale(url: str, n: int, victim_id: str, counts: Counts) -> None:
+    """Another key presents this session's response id: it must get the upstream's answer, not this chain."""
+    ws = await _connect(url, counts, f"sk-soak-intruder-{n}")
+    try:
+        request = {"type": "response.create", "model": "m", "store": False, "previous_response_id": victim_id,
+                   "input": [{"type": "message", "role": "user", "content": "intruder asks"}]}
+        outcome, event = await _attempt(ws, request, timeout=20)
+        if outcome == "completed":
+            counts.stale_resumed += 1
+        else:
+            counts.stale_refused += 1
+    finally:
+        await ws.close()
+
+
+async def _silence(ws: Any) -> bool:
+    """Read nothing (no pongs) for a while; True when replayguard closed the connection meanwhile."""
+    ws.transport.pause_reading()
+    await asyncio.sleep(SILENCE)
+    ws.transport.resume_reading()
+    try:
+        pong = await ws.ping()
+        await asyncio.wait_for(pong, 2)
+    except (ConnectionClosed, asyncio.TimeoutError):
+        return True
+    return False
+
+
 async def _session(url: str, n: int, turns: int, counts: Counts, rng: random.Random) -> None:
     history: list[dict[str, Any]] = []  # everything the upstream should see, as the client keeps it
     previous: str | None = None
     pending: dict[str, Any] | None = None
-    ws = await _connect(url, counts)
+    key = f"sk-soak-{n}"
+    ws = await _connect(url, counts, key)
     try:
         for t in range(turns):
             counts.turns += 1
+            fault = rng.choices([*CLIENT_FAULTS, None], [*CLIENT_FAULTS.values(), 1 - sum(CLIENT_FAULTS.values())])[0]
+            if fault == "stale" and previous is not None:
+                _count(counts, fault)
+                await _stale(url, n, previous, counts)
+            elif fault == "silent":
+                _count(counts, fault)
+                if await _silence(ws):
+                    counts.silent_dropped += 1
+                    ws = await _connect(url, counts, key)
+                    counts.reconnects += 1
+                    previous = None
             if pending is not None:
                 new = [{"type": "function_call_output", "call_id": pending["call_id"], "output": f"s{n} t{t}"}]
             else:
@@ -112,6 +180,15 @@ async def _session(url: str, n: int, turns: int, counts: Counts, rng: random.Ran
                     request.update(previous_response_id=previous, input=new)
                 else:
                     request["input"] = history + new  # after a reconnect: the full history, as Codex resends it
+                if fault == "leave":
+                    fault = None
+                    _count(counts, "leave")
+                    await _leave_mid_turn(ws, request)
+                    ws = await _connect(url, counts, key)
+                    counts.reconnects += 1
+                    counts.left_then_resumed += 1
+                    previous = None
+                    continue
                 outcome, event = await _attempt(ws, request, timeout=20)
                 if outcome == "completed":
                     assert event is not None
@@ -128,7 +205,7 @@ async def _session(url: str, n: int, turns: int, counts: Counts, rng: random.Ran
                     counts.fail_codes[code] = counts.fail_codes.get(code, 0) + 1
                 # Like Codex: drop the socket, reconnect, resend the full history without previous_response_id.
                 await ws.close()
-                ws = await _connect(url, counts)
+                ws = await _connect(url, counts, key)
                 counts.reconnects += 1
                 previous = None
             else:
@@ -186,8 +263,24 @@ def run(sessions: int = 100, turns: int = 20, seed: int = 1, interval: float = 0
                              if m else {"stats line missing": 1})
         counts.no_tool_call_found = sum(1 for _, e in list(fake.sent)
                                         if e.get("type") == "error" and "No tool call found" in json.dumps(e))
+        counts.internal_errors = len(re.findall(r"replayguard internal error", proxy.log))
+        counts.cross_principal = _cross_principal(fake)
     counts.seconds = time.monotonic() - started
     return counts
+
+
+def _cross_principal(fake: FakeUpstream) -> int:
+    """Upstream requests carrying items of another session than the key on their connection's handshake."""
+    keys = {h["conn"]: h["headers"].get("authorization", "") for h in fake.handshakes if h["conn"] is not None}
+    crossed = 0
+    for conn, message in list(fake.received):
+        if message.get("type") != "response.create":
+            continue
+        owner = re.fullmatch(r"Bearer sk-soak-(\d+)", keys.get(conn, ""))
+        sessions = set(re.findall(r"\bs(\d+) t\d+", json.dumps(message.get("input"))))
+        if sessions - ({owner.group(1)} if owner else set()):
+            crossed += 1
+    return crossed
 
 
 def report(c: Counts) -> str:
@@ -206,6 +299,13 @@ def report(c: Counts) -> str:
         ("attempts lost (must be 0)", str(c.lost)),
         ("turns abandoned (must be 0)", str(c.abandoned)),
         ('"No tool call found" from the upstream (must be 0)', str(c.no_tool_call_found)),
+        ("client faults done (leave mid-turn, stale id under another key, silent)",
+         ", ".join(f"{k} {v}" for k, v in sorted(c.client_faults.items())) or "none"),
+        ("turns redone after leaving mid-turn", str(c.left_then_resumed)),
+        ("stale ids under another key: refused / resumed (must be 0)", f"{c.stale_refused} / {c.stale_resumed}"),
+        ("silent clients closed by replayguard", str(c.silent_dropped)),
+        ("requests carrying another principal's items (must be 0)", str(c.cross_principal)),
+        ("replayguard internal errors (must be 0)", str(c.internal_errors)),
         ("per-flow state left at exit (must be 0)", ", ".join(f"{k} {v}" for k, v in c.state_left.items())),
         ("time", f"{c.seconds:.1f} s"),
     ]
