@@ -85,6 +85,14 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def reproduce(args: argparse.Namespace) -> int:
+    from .tools.reproduce import main as run
+
+    return run(args.recording, check=args.check, against=args.against, policy=args.policy, rules=args.rules,
+               keep=args.keep, trace=args.trace, session=args.session, write_test=args.write_test,
+               keep_text=args.keep_text, timeout=args.timeout)
+
+
 def program_name(argv0: str | None = None) -> str:
     """What the user typed to run us: `replayguard` for the console script, `python -m replayguard` otherwise."""
     name = os.path.basename(argv0 if argv0 is not None else sys.argv[0])
@@ -139,6 +147,26 @@ def main(argv: list[str] | None = None) -> int:
     b = commands.add_parser("bench", help="benchmark replayguard against plain mitmdump (offline)")
     b.add_argument("--quick", action="store_true", help="a smaller run (under a minute), for CI smoke tests")
     b.set_defaults(run=bench)
+    r = commands.add_parser(
+        "reproduce", help="run a recorded session again offline and compare the outcomes turn by turn",
+        description="Reads a chain trace written with trace.bodies: full, a mitmproxy flow file (mitmdump -w) or a "
+                    "fixture (--write-test), and runs it again: the fake upstream answers each turn as recorded and "
+                    "fails where the upstream failed, mitmdump runs the recording's rules, and a client sends the "
+                    "recorded messages. Exit status: 0 every turn had the recorded outcome, 1 a turn differs, 2 the "
+                    "recording cannot be reproduced.")
+    r.add_argument("recording", help="trace (.jsonl), flow file, or fixture (.json)")
+    r.add_argument("--check", action="store_true", help="print only the differences and the summary (for CI)")
+    r.add_argument("--against", choices=["replayguard", "plain"], default="replayguard",
+                   help="plain: through mitmdump without replayguard, to see what happens without it")
+    r.add_argument("--policy", choices=["pair-aware", "strict"], help="override recovery.policy")
+    r.add_argument("--rules", metavar="FILE", help="run with this rules.yaml instead of the recording's")
+    r.add_argument("--keep", metavar="DIR", help="keep the work directory (rules, trace, flows, mitmdump log) here")
+    r.add_argument("--trace", metavar="FILE", help="where the reproduced run's trace goes (default: a temp file)")
+    r.add_argument("--session", metavar="ID", help="only the sessions whose id starts with ID")
+    r.add_argument("--timeout", type=float, metavar="SECONDS", help="per turn (default: from the rules' timers)")
+    r.add_argument("--write-test", metavar="PATH", help="write the recording as a compact, redacted fixture and exit")
+    r.add_argument("--keep-text", action="store_true", help="with --write-test: keep the message text")
+    r.set_defaults(run=reproduce)
     args = parser.parse_args(argv)
     return args.run(args)
 

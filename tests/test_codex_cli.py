@@ -1,15 +1,20 @@
 """The real Codex CLI (npm @openai/codex, a native binary that runs offline against a local server) through a real
 mitmdump with replayguard, against the fake upstream, with the upstream connection cut after Codex's tool call:
 Codex's own tool-call chain (warm-up, reasoning, exec_command, function_call_output) survives without Codex
-noticing. .ci/run installs the CLI and points REPLAYGUARD_CODEX at it."""
+noticing; the run's full-bodies trace then reproduces offline (`replayguard reproduce`) with the same outcomes.
+.ci/run installs the CLI and points REPLAYGUARD_CODEX at it."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
+
+from replayguard.tools.harness import ROOT
+from test_trace import records
 
 CODEX = os.environ.get("REPLAYGUARD_CODEX") or shutil.which("codex")
 pytestmark = pytest.mark.skipif(not CODEX, reason="Codex CLI not installed (.ci/run installs it with npm)")
@@ -18,7 +23,8 @@ KEY = "sk-codex-SECRET-0123456789"
 
 
 def test_codex_tool_chain_survives_an_upstream_drop(fake, mitm, tmp_path):
-    proxy = mitm(fake, faults=[{"kind": "drop", "after_turn": 2}])  # turn 1 is Codex's warm-up, 2 its tool call
+    proxy = mitm(fake, faults=[{"kind": "drop", "after_turn": 2}],  # turn 1 is Codex's warm-up, 2 its tool call
+                 trace={"bodies": "full"})
     home = tmp_path / "codex-home"
     home.mkdir()
     (home / "config.toml").write_text(f'''model = "demo-model"
@@ -52,3 +58,15 @@ supports_websockets = true
     assert [h["headers"]["authorization"] for h in fake.handshakes] == [f"Bearer {KEY}"] * 2
     assert fake.handshakes[1]["headers"]["x-codex-turn-state"] == "ts-1"
     assert "error" not in {e.get("type") for _, e in fake.sent}
+    # The recording reproduces: Codex's requests and the fake's outputs again, the drop injected again by the rule.
+    trace = proxy.tmp / "trace.jsonl"
+    records(trace, until="session.end")
+    again = subprocess.run([sys.executable, "-m", "replayguard", "reproduce", str(trace), "--check",
+                            "--trace", str(tmp_path / "reproduced.jsonl")],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.startswith("summary: 3 compared, 3 same, 0 differ"), again.stdout
+    assert "completed x2, replayed (upstream connection dropped) x1" in again.stdout
+    reproduced = records(tmp_path / "reproduced.jsonl")
+    assert [f["kind"] for f in reproduced if f["event"] == "fault"] == ["drop"]  # by the rule, not the fake
+    assert "SECRET" not in (tmp_path / "reproduced.jsonl").read_text()

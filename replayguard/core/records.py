@@ -9,8 +9,8 @@ Records (``event`` field; every record also has ``ts`` (Unix seconds) and ``sess
                      rewritten (the request was rebuilt from the chain state), body (with trace.bodies=full)
 - ``turn.end``       turn, conn, status, response_id, previous_response_id, output (item summaries), usage, ms,
                      error (code, message, param) for a failed turn
-- ``upstream.lost``  conn, how, detail, turn (the turn in flight, or null when idle), events (of that turn, seen
-                     before the loss)
+- ``upstream.lost``  conn, how, detail, turn (the turn in flight, or null when idle), by_error (an upstream error
+                     event finished it: swallowed, not forwarded), events (of that turn, seen before the loss)
 - ``upstream.closed`` conn, code (null: dropped without a close frame), reason
 - ``recovery``       turn, trigger, action, from_conn, to_conn, removed_previous_response_id, items, bytes,
                      input (summaries of the input sent)
@@ -214,7 +214,7 @@ def _turn_ended(e: ev.TurnEnded, bodies: Bodies) -> Record:
 
 
 def _upstream_lost(e: ev.UpstreamLost, bodies: Bodies) -> Record:
-    fields = {"conn": e.conn, "how": e.how, "detail": e.detail, "turn": e.turn}
+    fields = {"conn": e.conn, "how": e.how, "detail": e.detail, "turn": e.turn, "by_error": e.by_error}
     if e.events is not None:
         fields["events"] = e.events
     return "upstream.lost", fields

@@ -408,7 +408,7 @@ class Session:
         if turn.forwarded:
             return False
         self.emit(ev.UpstreamLost(conn.id, trigger, error_fields(event), turn.number, by_error=True, raw=raw,
-                                  events=turn.events))
+                                  events=turn.events - 1))  # the error event itself is not one the turn had
         self.link.retire(conn, trigger, "replaced")
         self.spawn(self._recover(turn, trigger))
         return True

@@ -6,6 +6,11 @@ response of each connection, store=true responses kept server-wide, previous_res
 after any error), the call_id validation ("No tool call found ...", "No tool output found ..."), item references
 under store=false, generate:false warm-ups, and the real event sequence with sequence_number. A scripted model
 answers deterministically. Test controls break connections the ways production does.
+
+Scripted mode (:class:`Script`, for `replayguard reproduce`): each turn is answered with recorded output items,
+usage and event order instead of the scripted model, and recorded failures are injected at the same turn and the
+same point within it (before the first event, after N events, or while idle after the turn), handshakes included.
+The connection-local cache and the call_id validation stay in force, so a reproduction meets the same checks.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import secrets
 import ssl
 import threading
 import time
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Callable
 
@@ -132,6 +138,7 @@ class FakeUpstream:
         self.stamp_deltas = False  # add "t_ns" (CLOCK_MONOTONIC at send) to deltas, for latency measurements
         self.drop_after_events: int | None = None  # one-shot: cut TCP after this many events of the next response
         self.stall_after_events: int | None = None  # one-shot: go silent after this many events of the next response
+        self.script: Script | None = None  # scripted mode: recorded answers and failures, turn by turn
         # A name-checking front end (as api.openai.com's CDN): a handshake whose TLS server name or Host header
         # names another host is answered 421 Misdirected Request.
         self.expect_name = expect_name
@@ -305,6 +312,9 @@ class FakeUpstream:
                                                                      ("Content-Length", str(len(body)))]), body.encode())
         with self._lock:
             refusal = self._refuse.pop(0) if self._refuse else None
+        if refusal is None and self.script is not None:
+            status = self.script.handshake()
+            refusal = (status, None) if status is not None else None
         if refusal is not None:
             status, body = refusal
             if body is None:
@@ -330,6 +340,8 @@ class FakeUpstream:
         if self.mute:
             ws.transport.pause_reading()  # 101, then nothing: no events, no pongs
         limit = asyncio.ensure_future(self._age_limit(conn)) if self.max_connection_age else None
+        if self.script is not None:
+            asyncio.ensure_future(self._scripted_open(conn))
         try:
             async for message in ws:
                 await self._on_message(conn, message)
@@ -407,6 +419,8 @@ class FakeUpstream:
             await self._error(conn, RequestFailed(400, "unknown_event_type", f"Unknown event type: {kind!r}.", "type"))
 
     async def _create(self, conn: _Conn, req: dict[str, Any]) -> None:
+        if self.script is not None and await self._scripted_create(conn, req):
+            return
         store = req.get("store", True) is not False
         raw_input = req.get("input", [])
         items = [{"type": "message", "role": "user", "content": raw_input}] if isinstance(raw_input, str) else raw_input
@@ -522,3 +536,365 @@ class FakeUpstream:
     def _message(text: str) -> dict[str, Any]:
         return {"type": "message", "id": "msg_" + secrets.token_hex(6), "role": "assistant", "status": "completed",
                 "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+    # -- scripted mode ----------------------------------------------------------------------------
+    async def _scripted_open(self, conn: _Conn) -> None:
+        """A failure recorded right after the session's connection opened (idle after turn 0)."""
+        assert self.script is not None
+        key = self.script.current
+        if key[1] == 0:
+            turn = self.script.turns.get(key)
+            if turn is not None and turn.idle and not self.script.idle_event(key).is_set():
+                async with conn.lock:
+                    await self._idle_breaks(conn, key, turn)
+
+    async def _scripted_create(self, conn: _Conn, req: dict[str, Any]) -> bool:
+        """Answer a response.create from the script; False when the script has nothing for it (the model answers)."""
+        assert self.script is not None
+        key, turn, answer = self.script.next_answer()
+        if turn is None or answer is None:
+            return False
+        if answer.cut is not None and answer.after == 0:
+            self.script.note(key, f"{answer.cut.describe()} before the first event")
+            await self._break(conn, answer.cut)
+            return True
+        store = req.get("store", True) is not False
+        raw_input = req.get("input", [])
+        items = [{"type": "message", "role": "user", "content": raw_input}] if isinstance(raw_input, str) else raw_input
+        previous = req.get("previous_response_id")
+        try:
+            if not isinstance(items, list):
+                raise RequestFailed(400, None, "Invalid type for 'input'.", "input")
+            context: list[Any] = []
+            if previous:
+                base = conn.cache.get(previous, self._stored.get(previous))
+                if base is None:
+                    raise RequestFailed(400, "previous_response_not_found",
+                                        f"Previous response with id '{previous}' not found.", "previous_response_id")
+                context = list(base)
+            context += items
+            validate(context, store)
+        except RequestFailed as failure:
+            await self._error(conn, failure)
+            return True
+        if answer.status == "error":
+            conn.cache.clear()
+            error = answer.error or RequestFailed(500, "server_error", "error", None, "server_error").event
+            await self._send(conn, error)
+            if _error_code(answer.error) == "websocket_connection_limit_reached":
+                await conn.ws.close(1000, "connection limit reached")
+            await self._idle_breaks(conn, key, turn)
+            return True
+        if self.response_delay:
+            await asyncio.sleep(self.response_delay)
+        rid = "resp_" + secrets.token_hex(8)
+        output = [dict(i) for i in answer.output]
+        base_response = {"id": rid, "object": "response", "created_at": int(time.time()), "status": "in_progress",
+                         "model": req.get("model"), "output": [], "store": store, "previous_response_id": previous}
+        usage = answer.usage
+        if usage is None:
+            usage = {"input_tokens": len(json.dumps(context)) // 4, "output_tokens": len(json.dumps(output)) // 4}
+            usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
+        status = {"completed": "completed", "response.failed": "failed", "response.incomplete": "incomplete"}.get(
+            answer.status, "completed")
+        final = dict(base_response, status=status, output=output, usage=usage)
+        events = scripted_events(answer.events, output, base_response, final)
+        # Never past the terminal event: a cut answer's client must not get its end.
+        last = len(events) - (1 if events and events[-1]["type"] in TERMINAL_STATUS else 0)
+        for index, event in enumerate(events):
+            if answer.cut is not None and index >= max(1, min(answer.after, last)):
+                self.script.note(key, f"{answer.cut.describe()} after {index} events")
+                await self._break(conn, answer.cut)
+                return True
+            if event.get("type") == "response.completed":
+                full = context + output
+                conn.cache.clear()
+                conn.cache[rid] = full
+                if store:
+                    self._stored[rid] = full
+                conn.responses += 1
+            await self._send(conn, event)
+        if answer.cut is not None:  # every recorded event of a broken-off answer was sent: now it breaks
+            self.script.note(key, f"{answer.cut.describe()} after {len(events)} events")
+            await self._break(conn, answer.cut)
+            return True
+        await self._idle_breaks(conn, key, turn)
+        return True
+
+    async def _idle_breaks(self, conn: _Conn, key: tuple[int, int], turn: "ScriptedTurn") -> None:
+        """The turn is answered: the failures recorded while idle after it happen now."""
+        assert self.script is not None
+        done = self.script.idle_event(key)
+        if done.is_set():
+            return
+        try:
+            for brk in turn.idle:
+                self.script.note(key, f"{brk.describe()} while idle")
+                await self._break(conn, brk, idle=True)
+        except (_Dropped, ConnectionClosed):
+            pass
+        finally:
+            done.set()
+
+    async def _break(self, conn: _Conn, brk: "Break", idle: bool = False) -> None:
+        """Break the connection as recorded; raises _Dropped when the answer in progress must stop."""
+        ws = conn.ws
+        if brk.kind == "close":
+            await ws.close(brk.code, brk.reason)
+        elif brk.kind == "drop":
+            await asyncio.sleep(0.05)  # what was sent before the cut reaches the peer, as it did when recorded
+            ws.transport.abort()
+        elif brk.kind == "silence":
+            ws.transport.pause_reading()  # no more events, no pongs
+            if not idle:
+                await ws.wait_closed()
+        elif brk.kind == "error":
+            conn.cache.clear()  # after any error the referenced response is evicted
+            event = brk.error or CONNECTION_LIMIT_EVENT
+            await self._send(conn, event)
+            if _error_code(event) == "websocket_connection_limit_reached":
+                self.limit_errors += 1
+                await ws.close(1000, "connection limit reached")
+            return
+        else:
+            raise ValueError(f"unknown break kind {brk.kind!r}")
+        if not idle:
+            raise _Dropped()
+
+
+def _error_code(event: dict[str, Any] | None) -> str | None:
+    error = event.get("error") if isinstance(event, dict) else None
+    return error.get("code") if isinstance(error, dict) else None
+
+
+@dataclass
+class Break:
+    """How the upstream breaks a connection, as recorded: ``close`` (with ``code``), ``drop`` (TCP cut, no close
+    frame), ``silence`` (no events, no pongs), or ``error`` (an error event; websocket_connection_limit_reached
+    closes the connection after it, as the upstream does)."""
+
+    kind: str
+    code: int = 1011
+    reason: str = "keepalive ping timeout"
+    error: dict[str, Any] | None = None
+
+    def describe(self) -> str:
+        if self.kind == "close":
+            return f"close {self.code}"
+        if self.kind == "error":
+            return f"error {_error_code(self.error) or 'event'}"
+        return {"drop": "TCP drop", "silence": "silence"}.get(self.kind, self.kind)
+
+
+@dataclass
+class Answer:
+    """The upstream's answer to one response.create: the recorded output items and usage in the recorded event
+    order (``events``: event types; None: the usual sequence for the output), or an ``error`` event
+    (``status`` "error"). With ``cut``, the answer breaks off after ``after`` events (0: before the first)."""
+
+    status: str = "completed"  # completed | response.failed | response.incomplete | error
+    output: list[dict[str, Any]] = field(default_factory=list)
+    usage: dict[str, Any] | None = None
+    events: list[str] | None = None
+    error: dict[str, Any] | None = None
+    after: int = 0
+    cut: Break | None = None
+
+
+@dataclass
+class ScriptedTurn:
+    """One turn of a reproduction: an answer per response.create of the turn, in order (more creates than answers
+    get the last whole answer again, or the scripted model when there is none), the failures while idle after the
+    turn, and each handshake made while the turn is current (None accepts, a status refuses)."""
+
+    answers: list[Answer] = field(default_factory=list)
+    idle: list[Break] = field(default_factory=list)
+    handshakes: list[int | None] = field(default_factory=list)
+
+    def answer(self, index: int) -> Answer | None:
+        if index < len(self.answers):
+            return self.answers[index]
+        whole = [a for a in self.answers if a.cut is None]
+        return whole[-1] if whole else None
+
+
+class Script:
+    """What the upstream does in a reproduction, keyed by (session index, turn number). The client driving the
+    reproduction says which turn is current (:meth:`begin`) before it sends it: every response.create and handshake
+    the fake sees until the next turn begins belongs to that turn (the proxy runs one turn at a time)."""
+
+    def __init__(self, turns: dict[tuple[int, int], ScriptedTurn]) -> None:
+        self.turns = turns
+        self.current: tuple[int, int] = (0, 0)
+        self.applied: list[tuple[tuple[int, int], str]] = []  # what the fake injected, for the report
+        self._creates: dict[tuple[int, int], int] = {}
+        self._handshakes: dict[tuple[int, int], int] = {}
+        self._idle: dict[tuple[int, int], threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def begin(self, session: int, turn: int) -> None:
+        with self._lock:
+            self.current = (session, turn)
+
+    def next_answer(self) -> tuple[tuple[int, int], ScriptedTurn | None, Answer | None]:
+        with self._lock:
+            key = self.current
+            index = self._creates.get(key, 0)
+            self._creates[key] = index + 1
+        turn = self.turns.get(key)
+        return key, turn, turn.answer(index) if turn is not None else None
+
+    def handshake(self) -> int | None:
+        """The status to refuse the handshake being made with, or None to accept it."""
+        with self._lock:
+            key = self.current
+            index = self._handshakes.get(key, 0)
+            self._handshakes[key] = index + 1
+        turn = self.turns.get(key)
+        status = turn.handshakes[index] if turn is not None and index < len(turn.handshakes) else None
+        if status is not None:
+            self.note(key, f"handshake refused with HTTP {status}")
+        return status
+
+    def idle_event(self, key: tuple[int, int]) -> threading.Event:
+        with self._lock:
+            return self._idle.setdefault(key, threading.Event())
+
+    def wait_idle(self, session: int, turn: int, timeout: float) -> bool:
+        """Wait until the failures recorded while idle after this turn were carried out."""
+        return self.idle_event((session, turn)).wait(timeout)
+
+    def note(self, key: tuple[int, int], what: str) -> None:
+        with self._lock:
+            self.applied.append((key, what))
+        logging.getLogger(__name__).info("fake upstream (scripted): session %d turn %d: %s", key[0] + 1, key[1], what)
+
+
+# -- events rebuilt from a recorded order ------------------------------------------------------------
+TERMINAL_STATUS = {"response.completed": "completed", "response.failed": "failed",
+                   "response.incomplete": "incomplete"}
+# Delta and done event types, and what of the item (at the current content part or summary part) they carry.
+_TEXT_EVENTS: dict[str, tuple[str, bool]] = {
+    "response.output_text.delta": ("content", True), "response.output_text.done": ("content", False),
+    "response.refusal.delta": ("content", True), "response.refusal.done": ("content", False),
+    "response.reasoning_text.delta": ("content", True), "response.reasoning_text.done": ("content", False),
+    "response.function_call_arguments.delta": ("arguments", True),
+    "response.function_call_arguments.done": ("arguments", False),
+    "response.custom_tool_call_input.delta": ("input", True), "response.custom_tool_call_input.done": ("input", False),
+    "response.reasoning_summary_text.delta": ("summary", True),
+    "response.reasoning_summary_text.done": ("summary", False),
+}
+
+
+def usual_event_types(output: list[dict[str, Any]], terminal: str = "response.completed") -> list[str]:
+    """The event sequence this fake streams for ``output`` (as the unscripted answer does)."""
+    types = ["response.created", "response.in_progress"]
+    for item in output:
+        types.append("response.output_item.added")
+        if item.get("type") == "message":
+            text = _part_text(item, 0, "content")
+            types += ["response.content_part.added", *["response.output_text.delta"] * len(range(0, len(text), 5)),
+                      "response.output_text.done", "response.content_part.done"]
+        elif item.get("type") == "function_call":
+            args = str(item.get("arguments", ""))
+            types += [*["response.function_call_arguments.delta"] * len(range(0, len(args), 8)),
+                      "response.function_call_arguments.done"]
+        types.append("response.output_item.done")
+    types.append(terminal)
+    return types
+
+
+def _part_text(item: dict[str, Any] | None, part: int, what: str) -> str:
+    if not isinstance(item, dict):
+        return ""
+    if what in ("arguments", "input"):
+        return str(item.get(what) or "")
+    parts = item.get(what)
+    if isinstance(parts, str):
+        return parts
+    if isinstance(parts, list) and 0 <= part < len(parts) and isinstance(parts[part], dict):
+        value = parts[part].get("text", parts[part].get("refusal", ""))
+        return value if isinstance(value, str) else ""
+    return ""
+
+
+def scripted_events(types: list[str] | None, output: list[dict[str, Any]], base: dict[str, Any],
+                    final: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events of an answer, in the recorded order of ``types``, rebuilt from the output items: deltas carry
+    the item's text split over as many deltas as were recorded, so the client gets the same items."""
+    usual = types is None  # the usual sequence chunks as the unscripted answer does: 5 characters, 8 for arguments
+    if types is None:
+        types = usual_event_types(output, "response." + final["status"] if final["status"] != "completed"
+                                  else "response.completed")
+
+    def walk() -> Any:
+        index, part, summary = -1, -1, -1
+        for kind in types:
+            if kind == "response.output_item.added":
+                index, part, summary = index + 1, -1, -1
+            elif kind == "response.content_part.added":
+                part += 1
+            elif kind == "response.reasoning_summary_part.added":
+                summary += 1
+            yield kind, index, max(part, 0), max(summary, 0)
+
+    counts: dict[tuple[int, int, str], int] = {}
+    for kind, index, part, summary in walk():
+        spec = _TEXT_EVENTS.get(kind)
+        if spec is not None and spec[1]:
+            key = (index, summary if spec[0] == "summary" else part, spec[0])
+            counts[key] = counts.get(key, 0) + 1
+    sent: dict[tuple[int, int, str], int] = {}
+    events: list[dict[str, Any]] = []
+    for seq, (kind, index, part, summary) in enumerate(walk()):
+        item = output[index] if 0 <= index < len(output) else None
+        event: dict[str, Any] = {"type": kind}
+        if kind in ("response.created", "response.in_progress", "response.queued"):
+            event["response"] = base
+        elif kind in TERMINAL_STATUS:
+            event["response"] = final
+        elif kind == "error":
+            event.update({"status": 500, "error": {"type": "server_error", "code": "server_error",
+                                                   "message": "recorded error", "param": None}})
+        elif index >= 0:
+            item = item or {"type": "message", "id": f"msg_{index}", "role": "assistant", "content": []}
+            event["output_index"] = index
+            if kind == "response.output_item.added":
+                added = dict(item, status="in_progress")
+                for key in ("content", "summary"):
+                    if isinstance(added.get(key), list):
+                        added[key] = []
+                event["item"] = added
+            elif kind == "response.output_item.done":
+                event["item"] = item
+            else:
+                event["item_id"] = item.get("id")
+                spec = _TEXT_EVENTS.get(kind)
+                if kind.startswith("response.content_part."):
+                    event["content_index"] = part
+                    whole = (item.get("content") or [{}])[part] if isinstance(item.get("content"), list) and \
+                        part < len(item["content"]) else {"type": "output_text", "text": "", "annotations": []}
+                    event["part"] = dict(whole, text="") if kind.endswith(".added") and "text" in whole else whole
+                elif kind.startswith("response.reasoning_summary_part."):
+                    event["summary_index"] = summary
+                    text = _part_text(item, summary, "summary")
+                    event["part"] = {"type": "summary_text", "text": "" if kind.endswith(".added") else text}
+                elif spec is not None:
+                    what, is_delta = spec
+                    at = summary if what == "summary" else part
+                    if what == "summary":
+                        event["summary_index"] = summary
+                    elif what == "content":
+                        event["content_index"] = part
+                    text = _part_text(item, at, what)
+                    if is_delta:
+                        key = (index, at, what)
+                        n, i = counts[key], sent.get(key, 0)
+                        sent[key] = i + 1
+                        size = (8 if what == "arguments" else 5) if usual else -(-len(text) // n)
+                        event["delta"] = text[i * size:(i + 1) * size]
+                    else:
+                        event["text" if what in ("content", "summary") else what] = text
+        event["sequence_number"] = seq
+        events.append(event)
+    return events
