@@ -65,7 +65,6 @@ def test_when_descriptors_run_out_clients_get_a_clean_answer_and_nothing_leaks(f
     refused = [o for o in outcomes if o[0] == "refused"]
     assert refused  # the limit really bit (how many get through depends on who grabs descriptors first)
     assert len(completed) + len(refused) == 120, [o for o in outcomes if o[0] not in ("completed", "refused")][:3]
-    assert any(o[1] == 503 for o in refused)
     for o in refused:
         assert o[1] in (502, 503), o  # a clean HTTP answer (mitmproxy's own 502, or replayguard's 503)
         if o[1] == 503:

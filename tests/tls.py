@@ -32,7 +32,12 @@ def self_signed_context(directory: Path) -> ssl.SSLContext:
         )
         .sign(key, hashes.SHA256())
     )
-    cert_path, key_path = directory / "upstream.pem", directory / "upstream.key"
+    return server_context(cert, key, directory / "upstream")
+
+
+def server_context(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, stem: Path) -> ssl.SSLContext:
+    """A server SSLContext for ``cert`` (written beside ``stem`` as .pem and .key, as ssl wants files)."""
+    cert_path, key_path = stem.with_suffix(".pem"), stem.with_suffix(".key")
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
@@ -80,12 +85,4 @@ class PrivateCA:
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
             .sign(self.key, hashes.SHA256())
         )
-        stem = self.directory / names[0]
-        cert_path, key_path = stem.with_suffix(".pem"), stem.with_suffix(".key")
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        )
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert_path, key_path)
-        return context
+        return server_context(cert, key, self.directory / names[0])

@@ -4,7 +4,6 @@ contentview, flow dumps, commands, resume and kill), for tests of what a person 
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import urllib.error
@@ -12,26 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from replayguard.tools.harness import Mitmdump
-
-
-def listening_ports(pid: int) -> set[int]:
-    """TCP ports a process listens on, from /proc (mitmweb does not print the port it got for web_port=0)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[8:-1])
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
+from replayguard.tools.harness import Mitmdump, listening_ports
 
 
 class Mitmweb(Mitmdump):

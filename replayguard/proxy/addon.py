@@ -122,18 +122,21 @@ class ReplayGuard:
         except Exception as e:  # an upgrade that may be a session is never let through unguarded on our bug
             self.internal_error(flow, "matching the rules", e)
 
-    def internal_error(self, flow: http.HTTPFlow, where: str, exc: BaseException) -> None:
-        """replayguard failed on a flow before it became a session: the client gets a 500 that says so."""
+    def internal_error(self, flow: http.HTTPFlow, where: str, exc: BaseException, answer: bool = True) -> http.Response:
+        """replayguard failed on a flow before it became a session: the client gets a 500 that says so (set as the
+        flow's response with ``answer``; else the bridge answers with it)."""
         log.error("flow %s: replayguard internal error in %s", flow.id, where, exc_info=exc)
         self.matched.pop(flow.id, None)
         detail = scrub(f"internal error in {where}: {type(exc).__name__}: {exc}")[:300]
-        flow.response = http.Response.make(500, http_error_body(500, INTERNAL, detail),
-                                           {"content-type": "application/json"})
+        response = http.Response.make(500, http_error_body(500, INTERNAL, detail), {"content-type": "application/json"})
+        if answer and flow.response is None:
+            flow.response = response
         flow.marked = MARK_FAILED
         flow.comment = f"replayguard: {detail}"
+        return response
 
-    async def open_session(self, flow: http.HTTPFlow, match: Match, destination: Destination) -> Session | None:
-        """Open a session's first upstream connection; on refusal answer the flow and return None."""
+    def new_session(self, flow: http.HTTPFlow, match: Match, destination: Destination) -> Session:
+        """The session for a matched flow, with everything that listens to it (not yet connected)."""
         rules = match.rules
         request = flow.request
         protocols = request.headers.get("sec-websocket-protocol")
@@ -146,32 +149,36 @@ class ReplayGuard:
             connect_timeout=rules.upstream.connect_timeout,
             max_size=rules.upstream.max_message_size,
         )
-        listeners: list[Listener] = []
-        listeners.append(SessionTrace(self.trace, flow.id, target.headers, rules.trace.bodies))
         view = FlowView(flow, destination, rules.trace.bodies)
-        listeners += [SessionLog(flow.id), view]
+        listeners: list[Listener] = [SessionTrace(self.trace, flow.id, target.headers, rules.trace.bodies),
+                                     SessionLog(flow.id), view]
         faults = rules.faults_for(match.name, match.path, flow)
         session = Session(flow.id, target, rules, self.store, listeners, FaultInjector(faults) if faults else None,
                           principal(target.headers, PRINCIPAL_KEY), rules.client.interval(idle_timeout()))
+        self.flows[flow.id] = Live(session, view)
+        flow.metadata["replayguard_upstream"] = redact_url(target.url)
+        return session
+
+    async def open_session(self, session: Session, flow: http.HTTPFlow) -> http.Response | None:
+        """Open the session's first upstream connection. None when it is open; else the answer the client gets
+        instead of its 101: the upstream's own refusal, or a 502/503/500 of ours with a JSON body."""
         client = flow.client_conn.peername
         try:
             await session.open(f"{client[0]}:{client[1]}" if client else "")
+            return None
         except HandshakeFailed as e:
-            flow.response = self._refusal(e)
+            refusal = self._refusal(e)
             if e.code == OVERLOADED and self.alarm is not None:
                 self.alarm.note(OSError(errno.EMFILE, os.strerror(errno.EMFILE)))  # one line a burst, not a flow
             else:
                 log.warning("flow %s: upstream handshake to %s failed: %s -> HTTP %d to client",
-                            flow.id, redact_url(target.url), scrub(e.detail), flow.response.status_code)
+                            flow.id, redact_url(session.target.url), scrub(e.detail), refusal.status_code)
             flow.marked = MARK_FAILED
             flow.comment = f"replayguard: upstream handshake failed: {scrub(e.detail)}"
-            return None
         except Exception as e:  # never leave the client hanging on our own bug
-            self.internal_error(flow, "opening the session", e)
-            return None
-        self.flows[flow.id] = Live(session, view)
-        flow.metadata["replayguard_upstream"] = redact_url(target.url)
-        return session
+            refusal = self.internal_error(flow, "opening the session", e, answer=False)
+        self.flows.pop(flow.id, None)
+        return refusal
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         live = self.flows.get(flow.id)

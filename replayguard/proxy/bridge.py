@@ -14,6 +14,8 @@ from http import HTTPStatus
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Response
 
 from .session import Session
 
@@ -35,21 +37,30 @@ class Bridge:
 
     An incoming connection is handed to the session the router announced for the address it comes from
     (mitmproxy's own socket for that flow); anything else is refused.
+
+    The loopback hop does not compress: mitmproxy would inflate and deflate every message on both of its legs and
+    the bridge again, and each compressing connection holds zlib state (hundreds of KiB a session). The client's
+    leg follows, since mitmproxy negotiates end to end. ``client.compression`` in rules.yaml turns it back on (a
+    client on another machine), through a second listener that offers permessage-deflate.
     """
 
     def __init__(self) -> None:
-        self._server: Server | None = None
+        self._servers: dict[bool, Server] = {}  # compression -> listener
         self._starting: asyncio.Lock | None = None
-        self.port: int = 0
+        self.ports: dict[bool, int] = {}
         self.expected: dict[tuple[str, int], Session] = {}  # mitmproxy's address -> the session it brings
         self.active: set[Session] = set()
 
-    async def ensure_started(self) -> int:
+    def is_bridge(self, address: Any) -> bool:
+        return address is not None and address[0] == "127.0.0.1" and address[1] in self.ports.values()
+
+    async def ensure_started(self, compression: bool = False) -> int:
+        """The port of the listener with or without compression (started the first time it is needed)."""
         if self._starting is None:
             self._starting = asyncio.Lock()
         async with self._starting:
-            if self._server is None:
-                self._server = await serve(
+            if compression not in self._servers:
+                server = await serve(
                     self._handler,
                     "127.0.0.1",
                     0,
@@ -59,10 +70,13 @@ class Bridge:
                     ping_interval=None,
                     max_size=None,  # per session, set in the handler
                     max_queue=64,
+                    compression="deflate" if compression else None,
                 )
-                self.port = self._server.sockets[0].getsockname()[1]
-                log.debug("replayguard bridge listening on 127.0.0.1:%d", self.port)
-        return self.port
+                self._servers[compression] = server
+                self.ports[compression] = server.sockets[0].getsockname()[1]
+                log.debug("replayguard bridge listening on 127.0.0.1:%d (compression %s)", self.ports[compression],
+                          "on" if compression else "off")
+        return self.ports[compression]
 
     def expect(self, address: tuple[str, int], session: Session) -> None:
         """mitmproxy is connecting from ``address`` for ``session`` (its request follows)."""
@@ -79,9 +93,17 @@ class Bridge:
     def _session(self, connection: ServerConnection) -> Session | None:
         return self.expected.get(connection.remote_address[:2])
 
-    def _process_request(self, connection: ServerConnection, request: Any) -> Any:
-        if self._session(connection) is None:
+    async def _process_request(self, connection: ServerConnection, request: Any) -> Any:
+        session = self._session(connection)
+        if session is None:
             return connection.respond(HTTPStatus.FORBIDDEN, "unknown replayguard session\n")
+        refusal = await session.opening if session.opening is not None else None
+        if refusal is not None:  # the upstream refused, or could not be reached: the client gets that instead
+            headers = Headers([(k, v) for k, v in refusal.headers.items(multi=True)
+                               if k.lower() not in ("content-length", "transfer-encoding", "connection")])
+            headers["Content-Length"] = str(len(refusal.content or b""))
+            return Response(refusal.status_code, refusal.reason or HTTPStatus(refusal.status_code).phrase, headers,
+                            refusal.content or b"")
         return None
 
     def _process_response(self, connection: ServerConnection, request: Any, response: Any) -> None:
@@ -114,8 +136,8 @@ class Bridge:
         """Stop accepting, and shut every session down at once (a silent upstream must not hold the others up)."""
         for session in list(self.expected.values()):
             self.discard(session)
-        if self._server is not None:
-            self._server.close(close_connections=False)  # the sessions close their clients themselves
+        for server in self._servers.values():
+            server.close(close_connections=False)  # the sessions close their clients themselves
         tasks = [asyncio.ensure_future(session.shutdown()) for session in list(self.active)]
         if tasks:
             done, pending = await asyncio.wait(tasks, timeout=timeout)
@@ -123,9 +145,10 @@ class Bridge:
                 task.cancel()
             if pending:
                 log.warning("replayguard: %d session(s) did not close within %gs at shutdown", len(pending), timeout)
-        if self._server is not None:
+        for server in self._servers.values():
             try:
-                await asyncio.wait_for(self._server.wait_closed(), 1)
+                await asyncio.wait_for(server.wait_closed(), 1)
             except asyncio.TimeoutError:
                 pass
-            self._server = None
+        self._servers.clear()
+        self.ports.clear()

@@ -12,6 +12,7 @@ comment lines sum up recoveries, fail-closes and faults.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -36,6 +37,7 @@ MARK_RECOVERED = ":recycle:"
 MARK_FAILED = ":no_entry:"
 MARK_FAULT = ":zap:"
 MAX_COMMENT_LINES = 20
+UPDATE_DELAY = 0.2  # seconds: mitmweb hears of replayguard's changes to a flow at most this often
 SKIPPED = frozenset({"turn.start", "turn.end"})  # the flow holds the client's own requests and events
 FROM_CLIENT = frozenset({"recovery"})  # requests replayguard sent upstream in the client's place
 
@@ -56,6 +58,7 @@ class FlowView:
         self.counts = {"recoveries": 0, "faults": 0, "failed closed": 0}
         self.dropped = 0  # messages dropped from the flow under limits.flow_messages
         self._server: tuple[ev.Handshake, float] | None = None  # the upstream connection shown, and when it opened
+        self._update_pending = False
 
     # -- the listener -----------------------------------------------------------------------------
     def __call__(self, event: ev.Event) -> None:
@@ -88,8 +91,7 @@ class FlowView:
         if self.pending:
             self.flow.websocket.messages[:0] = self.pending
             self.pending.clear()
-        self._describe_server()
-        self._update()
+        self._describe_server()  # mitmproxy's own websocket_start update, right after this hook, shows it all
 
     def trim(self, limit: int) -> None:
         """Keep at most ``limit`` messages of the live flow (limits.flow_messages; mitmproxy keeps them all): the
@@ -176,6 +178,18 @@ class FlowView:
         self.flow.server_conn = server
 
     def _update(self) -> None:
+        """Tell mitmweb and the console the flow changed: at most one update per UPDATE_DELAY, since an update is a
+        round through every addon and records can come in bursts."""
+        if self._update_pending:
+            return
+        try:
+            asyncio.get_running_loop().call_later(UPDATE_DELAY, self._send_update)
+        except RuntimeError:  # no event loop (unit tests)
+            return
+        self._update_pending = True
+
+    def _send_update(self) -> None:
+        self._update_pending = False
         try:
             ctx.master.addons.trigger(UpdateHook([self.flow]))
         except Exception:  # no master (unit tests) or shutting down

@@ -100,32 +100,33 @@ class Router:
             self.guard.internal_error(flow, "routing the flow", e)
 
     async def _route(self, flow: http.HTTPFlow, match: Match) -> None:
-        session = await self.guard.open_session(flow, match, destination_of(flow, ctx.options.upstream_auth))
-        if session is None:
-            return  # refused: flow.response carries the upstream's answer
+        session = self.guard.new_session(flow, match, destination_of(flow, ctx.options.upstream_auth))
         try:
-            await self.guard.bridge.ensure_started()
+            port = await self.guard.bridge.ensure_started(match.rules.client.compression)
         except BaseException:
             self.guard.bridge.discard(session)
             self.guard.flows.pop(flow.id, None)
             raise
+        # The upstream handshake runs while mitmproxy reaches the bridge; the bridge answers the client's upgrade
+        # when it is done: the 101, or the refusal in its place.
+        session.opening = asyncio.ensure_future(self.guard.open_session(session, flow))
         request = flow.request.data
         route = Route(flow, session, request.scheme, request.host, request.port)
         route.timer = asyncio.get_running_loop().call_later(STALE_ROUTE, self._expire, route)
         self.routes[flow.client_conn.id] = route
         # Point the request at the bridge without touching its headers, and reach the bridge directly: a fresh
         # server spec without the upstream proxy of upstream mode (mitmproxy replaces flow.server_conn anyway).
-        request.scheme, request.host, request.port = b"http", "127.0.0.1", self.guard.bridge.port
+        request.scheme, request.host, request.port = b"http", "127.0.0.1", port
         flow.server_conn = Server(address=None)
 
     def server_connect(self, data: Any) -> None:
         route = self.routes.get(data.client.id)
-        if route is not None and data.server.address == ("127.0.0.1", self.guard.bridge.port):
+        if route is not None and self.guard.bridge.is_bridge(data.server.address):
             route.restore()  # before the request is written: the flow shows what the client addressed
 
     def server_connected(self, data: Any) -> None:
         route = self.routes.get(data.client.id)
-        if route is not None and data.server.address == ("127.0.0.1", self.guard.bridge.port):
+        if route is not None and self.guard.bridge.is_bridge(data.server.address):
             # mitmproxy writes the request only after this hook: the bridge is told first who is coming.
             self.guard.bridge.expect(data.server.sockname, route.session)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -70,6 +71,7 @@ class ClientRules:
 
     keepalive_interval: float | str = "auto"  # seconds between pings; auto: a quarter of mitmproxy's tcp_timeout
     pong_timeout: float = 20.0  # a client that does not answer a ping within this is gone
+    compression: bool = False  # let the client's leg negotiate permessage-deflate (a client on another machine)
 
     def interval(self, idle_timeout: float) -> float:
         """Seconds between pings to the client (0: none), well inside mitmproxy's idle timeout."""
@@ -111,7 +113,10 @@ class Rules:
 
     def snapshot(self) -> dict[str, Any]:
         """These rules as a rules.yaml document (what a session ran with: kept in its trace, so that a recording
-        can be run again under the same rules)."""
+        can be run again under the same rules). Made once per rules: every session of them shares it."""
+        return _snapshot(self)
+
+    def _document(self) -> dict[str, Any]:
         def matcher(m: MatchRule) -> dict[str, Any]:
             return {k: v for k, v in (("host", m.host), ("path", m.path), ("filter", m.filter)) if v is not None}
 
@@ -135,6 +140,11 @@ class Rules:
         if faults:
             doc["faults"] = faults
         return doc
+
+
+@functools.lru_cache(maxsize=8)
+def _snapshot(rules: Rules) -> dict[str, Any]:
+    return rules._document()
 
 
 # -- validation ----------------------------------------------------------------------------------
@@ -177,6 +187,12 @@ def _range(low: float, high: float, integer: bool = False) -> Check:
         return value
 
     return check
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
 
 
 def _auto_or(check: Check) -> Check:
@@ -234,7 +250,8 @@ SECTIONS: dict[str, tuple[type, dict[str, Check]]] = {
     "limits": (LimitRules, {"max_chain_bytes": _number(1, integer=True), "max_saved_responses": _number(1, integer=True),
                             "resume_ttl": _number(0), "flow_messages": _flow_messages}),
     "trace": (TraceRules, {"bodies": _choice(Bodies)}),
-    "client": (ClientRules, {"keepalive_interval": _auto_or(_number(0)), "pong_timeout": _number(0.001)}),
+    "client": (ClientRules, {"keepalive_interval": _auto_or(_number(0)), "pong_timeout": _number(0.001),
+                             "compression": _boolean}),
 }
 MATCH_KEYS: dict[str, Check] = {"host": _glob, "path": _glob, "filter": _filter}
 

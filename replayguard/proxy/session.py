@@ -58,6 +58,7 @@ class Session:
         self.closed = False
         self.recoveries = 0
         self.last_recovery: str | None = None  # for replayguard.sessions
+        self.opening: asyncio.Future[Any] | None = None  # the first upstream handshake, while it runs
         self.client_keepalive = client_keepalive  # seconds between pings to the client (0: none)
         self._lock = asyncio.Lock()  # one writer of the upstream side at a time
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -84,7 +85,12 @@ class Session:
             conn = await self.link.open("open")
         except HandshakeFailed as e:
             self.emit(ev.SessionEnded(0, 0, 0, f"upstream handshake failed: {e.detail}"))
+            self.closed = True  # it never started: nothing to close later
+            self._finished.set()
             raise
+        if self.closed:  # the client went away while the handshake ran
+            await conn.close(1000, "client went away")
+            return
         self.link.current = conn
         for fired in later:
             assert self.faults is not None

@@ -418,25 +418,32 @@ class FakeUpstream:
         else:
             await self._error(conn, RequestFailed(400, "unknown_event_type", f"Unknown event type: {kind!r}.", "type"))
 
+    def _context(self, conn: _Conn, req: dict[str, Any], store: bool) -> tuple[list[Any], list[Any]]:
+        """The request's input items and the whole context the upstream sees for it (raises RequestFailed as the
+        upstream answers: an unreadable input, an unknown previous_response_id, a broken call pairing)."""
+        raw_input = req.get("input", [])
+        items = [{"type": "message", "role": "user", "content": raw_input}] if isinstance(raw_input, str) else raw_input
+        if not isinstance(items, list):
+            raise RequestFailed(400, None, "Invalid type for 'input'.", "input")
+        previous = req.get("previous_response_id")
+        context: list[Any] = []
+        if previous:
+            base = conn.cache.get(previous, self._stored.get(previous))
+            if base is None:
+                raise RequestFailed(400, "previous_response_not_found",
+                                    f"Previous response with id '{previous}' not found.", "previous_response_id")
+            context = list(base)
+        context += items
+        validate(context, store)
+        return items, context
+
     async def _create(self, conn: _Conn, req: dict[str, Any]) -> None:
         if self.script is not None and await self._scripted_create(conn, req):
             return
         store = req.get("store", True) is not False
-        raw_input = req.get("input", [])
-        items = [{"type": "message", "role": "user", "content": raw_input}] if isinstance(raw_input, str) else raw_input
+        previous = req.get("previous_response_id")
         try:
-            if not isinstance(items, list):
-                raise RequestFailed(400, None, "Invalid type for 'input'.", "input")
-            previous = req.get("previous_response_id")
-            context: list[Any] = []
-            if previous:
-                base = conn.cache.get(previous, self._stored.get(previous))
-                if base is None:
-                    raise RequestFailed(400, "previous_response_not_found",
-                                        f"Previous response with id '{previous}' not found.", "previous_response_id")
-                context = list(base)
-            context += items
-            validate(context, store)
+            items, context = self._context(conn, req, store)
         except RequestFailed as failure:
             await self._error(conn, failure)
             return
@@ -559,21 +566,9 @@ class FakeUpstream:
             await self._break(conn, answer.cut)
             return True
         store = req.get("store", True) is not False
-        raw_input = req.get("input", [])
-        items = [{"type": "message", "role": "user", "content": raw_input}] if isinstance(raw_input, str) else raw_input
         previous = req.get("previous_response_id")
         try:
-            if not isinstance(items, list):
-                raise RequestFailed(400, None, "Invalid type for 'input'.", "input")
-            context: list[Any] = []
-            if previous:
-                base = conn.cache.get(previous, self._stored.get(previous))
-                if base is None:
-                    raise RequestFailed(400, "previous_response_not_found",
-                                        f"Previous response with id '{previous}' not found.", "previous_response_id")
-                context = list(base)
-            context += items
-            validate(context, store)
+            items, context = self._context(conn, req, store)
         except RequestFailed as failure:
             await self._error(conn, failure)
             return True

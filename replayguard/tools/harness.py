@@ -15,6 +15,26 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: addon.py, rules.yaml
+QUIET = "(listening)"  # ready: the process listens (for verbosities that log nothing at startup)
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports a process listens on, read from /proc (for runs whose log does not name them)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def mitmdump_command(tool: str = "mitmdump") -> list[str]:
@@ -77,6 +97,11 @@ class Mitmdump:
         threading.Thread(target=self._pump, daemon=True).start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.ready == QUIET:  # nothing is logged at this verbosity: it is ready when it listens
+                ports = listening_ports(self.proc.pid)
+                if ports:
+                    self.port = min(ports)
+                    return self
             for line in list(self.lines):
                 m = re.search(self.ready, line)
                 if m:
