@@ -16,7 +16,8 @@ from replayguard.core.chain import Chain, ChainStore
 from replayguard.core.faults import FaultKind, FaultRule, Fired, InjectedError
 from replayguard.core.records import records_in_flow
 from replayguard.core.recovery import Action, Decision, Trigger
-from replayguard.proxy.addon import Live, ReplayGuard
+from replayguard.proxy.addon import ReplayGuard
+from replayguard.proxy.live import Live
 from replayguard.proxy.commands import SessionCommands, fault_rule
 from replayguard.proxy.destination import Destination
 from replayguard.proxy.flowview import MARK_FAILED, MARK_FAULT, MARK_RECOVERED, MAX_COMMENT_LINES, FlowView

@@ -8,7 +8,6 @@ import errno
 import os
 import logging
 import secrets
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from .clock import CLOCK
 from .commands import SessionCommands
 from .destination import Destination, destination_of
 from .flowview import MARK_FAILED, FlowView
+from .live import Live, Match
 from .reporting import SessionLog
 from .routing import Router
 from .rules import DEFAULT_RULES, Rules, RulesError, load_rules
@@ -45,23 +45,6 @@ def is_websocket_upgrade(request: http.Request) -> bool:
     return request.headers.get("upgrade", "").lower() == "websocket"
 
 
-@dataclass(frozen=True, slots=True)
-class Live:
-    """A live session and the view of it its flow keeps."""
-
-    session: Session
-    view: FlowView
-
-
-@dataclass(frozen=True, slots=True)
-class Match:
-    """A flow the rules picked: the rules in force then, and the name and path they matched."""
-
-    rules: Rules
-    name: str
-    path: str
-
-
 class ReplayGuard:
     """Keeps Responses WebSocket conversations alive across upstream connection failures."""
 
@@ -70,11 +53,11 @@ class ReplayGuard:
         self.store = ChainStore()
         self.bridge = Bridge()
         self.router = Router(self)
-        self.addons = [SessionCommands(self)]  # mitmproxy registers these beside the addon
         self.contentview: object | None = None
         self.alarm: DescriptorAlarm | None = None  # reports running out of file descriptors once per burst
         self.matched: dict[str, Match] = {}  # flow id -> match, until the router takes the flow
         self.flows: dict[str, Live] = {}  # live sessions, by flow id
+        self.addons = [SessionCommands(self.flows)]  # mitmproxy registers these beside the addon
         self.tls = TlsSettings()
         self.trace = TraceFile()  # where every session's records go (nowhere while replayguard_trace is "")
         self._watcher: asyncio.Task[None] | None = None

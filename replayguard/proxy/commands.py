@@ -8,17 +8,15 @@ command from outside; there, fault rules in rules.yaml do the same.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import mitmproxy.types
 from mitmproxy import command, exceptions, flow
 
 from ..core.faults import FaultKind, FaultRule, InjectedError
+from .live import Live
 from .rules import FAULT_KEYS
-
-if TYPE_CHECKING:
-    from .addon import ReplayGuard
 
 VALUE_HELP = {
     FaultKind.CLOSE: "the close code (default 1011)",
@@ -61,8 +59,8 @@ def _int(text: str) -> int:
 
 
 class SessionCommands:
-    def __init__(self, guard: ReplayGuard) -> None:
-        self.guard = guard
+    def __init__(self, sessions: Mapping[str, Live]) -> None:
+        self.live = sessions  # the addon's live sessions, by flow id
 
     @command.command("replayguard.kinds")
     def kinds(self) -> Sequence[str]:
@@ -78,7 +76,7 @@ class SessionCommands:
         rule = fault_rule(kind, value)
         done = []
         for f in flows:
-            live = self.guard.flows.get(f.id)
+            live = self.live.get(f.id)
             if live is not None and not live.session.closed:
                 live.session.inject(rule)
                 done.append(f.id)
@@ -91,4 +89,4 @@ class SessionCommands:
     def sessions(self) -> Sequence[str]:
         """The live replayguard sessions: flow, upstream, turns, the current upstream connection, the last
         recovery."""
-        return [live.session.describe() for live in self.guard.flows.values()]
+        return [live.session.describe() for live in self.live.values()]

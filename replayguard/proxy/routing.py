@@ -18,16 +18,30 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, MutableMapping, Protocol
 
 from mitmproxy import ctx, hooks, http
 from mitmproxy.connection import Server
 
-from .destination import destination_of
+from .bridge import Bridge
+from .destination import Destination, destination_of
+from .live import Live, Match
+from .session import Session
 
-if TYPE_CHECKING:
-    from .addon import Match, ReplayGuard
-    from .session import Session
+
+class Guard(Protocol):
+    """What the router needs of the addon: which flows matched, and making and opening their sessions."""
+
+    matched: MutableMapping[str, Match]
+    flows: MutableMapping[str, Live]
+    bridge: Bridge
+
+    def new_session(self, flow: http.HTTPFlow, match: Match, destination: Destination) -> Session: ...
+
+    async def open_session(self, session: Session, flow: http.HTTPFlow) -> http.Response | None: ...
+
+    def internal_error(self, flow: http.HTTPFlow, where: str, exc: BaseException,
+                       answer: bool = True) -> http.Response: ...
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +70,7 @@ class Router:
 
     name = "replayguard-router"  # unique in mitmproxy's addon registry
 
-    def __init__(self, guard: ReplayGuard) -> None:
+    def __init__(self, guard: Guard) -> None:
         self.guard = guard
         self.routes: dict[str, Route] = {}  # client connection id -> the flow being routed on it
 
