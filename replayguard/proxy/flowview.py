@@ -180,8 +180,8 @@ class FlowView:
     def _update(self) -> None:
         """Tell mitmweb and the console the flow changed: at most one update per UPDATE_DELAY, since an update is a
         round through every addon and records can come in bursts."""
-        if self._update_pending:
-            return
+        if self._update_pending or self.flow.websocket is None or self.flow.websocket.timestamp_end is not None:
+            return  # before it starts and once it ended, mitmproxy's own websocket_start/end update shows it all
         try:
             asyncio.get_running_loop().call_later(UPDATE_DELAY, self._send_update)
         except RuntimeError:  # no event loop (unit tests)
