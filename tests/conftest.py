@@ -94,6 +94,27 @@ def user(text: str) -> dict[str, Any]:
     return {"type": "message", "role": "user", "content": text}
 
 
+def tool_chain(client: Client, turns: int, pause: float = 0.0) -> list[dict[str, Any]]:
+    """Alternating tool call / tool output turns, chained with previous_response_id; returns the responses."""
+    responses: list[dict[str, Any]] = []
+    previous, pending = None, None
+    for n in range(turns):
+        if pending is not None:
+            new = [{"type": "function_call_output", "call_id": pending["call_id"], "output": f"out {n}"}]
+        else:
+            new = [user(f"turn {n}: please run TOOL ls")]
+        request: dict[str, Any] = {"model": "m", "store": False, "input": new}
+        if previous:
+            request["previous_response_id"] = previous
+        response = completed(client.turn(request))
+        responses.append(response)
+        previous = response["id"]
+        calls = [i for i in response["output"] if i["type"] == "function_call"]
+        pending = calls[0] if calls else None
+        time.sleep(pause)
+    return responses
+
+
 @pytest.fixture
 def fake() -> Iterator[FakeUpstream]:
     upstream = FakeUpstream().start()

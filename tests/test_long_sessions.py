@@ -3,31 +3,9 @@ that outlives many upstream connections keeps its chain, tool calls included."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from conftest import Client, completed, user
-
-
-def tool_chain(client: Client, turns: int, pause: float) -> list[dict[str, Any]]:
-    """Alternating tool call / tool output turns, chained with previous_response_id; returns the responses."""
-    responses: list[dict[str, Any]] = []
-    previous, pending = None, None
-    for n in range(turns):
-        if pending is not None:
-            new = [{"type": "function_call_output", "call_id": pending["call_id"], "output": f"out {n}"}]
-        else:
-            new = [user(f"turn {n}: please run TOOL ls")]
-        request: dict[str, Any] = {"model": "m", "store": False, "input": new}
-        if previous:
-            request["previous_response_id"] = previous
-        response = completed(client.turn(request))
-        responses.append(response)
-        previous = response["id"]
-        calls = [i for i in response["output"] if i["type"] == "function_call"]
-        pending = calls[0] if calls else None
-        time.sleep(pause)
-    return responses
+from conftest import Client, tool_chain, user
 
 
 def assert_replays_paired(fake: Any) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from browser import Browser, chromium
-from conftest import BASE_RULES, Client, completed, user
+from conftest import BASE_RULES, Client, completed, tool_chain, user
 from webui import Mitmweb
 
 from replayguard.core.records import records_in_flow
@@ -24,26 +24,6 @@ from replayguard.tools.viewer import build_sessions, load, records_from_flows
 
 AUTH = {"Authorization": "Bearer sk-SECRETweb0123456789"}
 DOCS_SCREENSHOT = ROOT / "docs" / "mitmweb.png"
-
-
-def tool_session(client: Client, turns: int) -> list[dict[str, Any]]:
-    """A Codex-like chain: odd turns ask for a tool, even turns send its output."""
-    responses: list[dict[str, Any]] = []
-    previous, call = None, None
-    for _ in range(turns):
-        if call is not None:
-            items = [{"type": "function_call_output", "call_id": call["call_id"], "output": "ok"}]
-        else:
-            items = [user("please run TOOL ls")]
-        request: dict[str, Any] = {"model": "m", "store": False, "input": items}
-        if previous:
-            request["previous_response_id"] = previous
-        response = completed(client.turn(request))
-        responses.append(response)
-        previous = response["id"]
-        calls = [i for i in response["output"] if i["type"] == "function_call"]
-        call = calls[0] if calls else None
-    return responses
 
 
 @pytest.fixture
@@ -60,7 +40,7 @@ def web(fake, tmp_path):
 
 def test_mitmweb_shows_the_upstream_the_replays_and_renders_the_chain(web, fake, tmp_path):
     client = Client(f"ws://127.0.0.1:{web.port}/v1/responses", headers=AUTH)
-    responses = tool_session(client, 6)
+    responses = tool_chain(client, 6)
     (flow,) = [f for f in web.flows() if f.get("websocket")]
 
     # 1. The upstream the client addressed, never the loopback bridge, and no routing token anywhere.
@@ -145,7 +125,7 @@ def test_a_real_browser_shows_the_upstream_url_in_the_flow_list(web, fake, tmp_p
     if chromium() is None:
         pytest.skip("chromium is not installed (.ci/run installs it with apt-get)")
     client = Client(f"ws://127.0.0.1:{web.port}/v1/responses", headers=AUTH)
-    tool_session(client, 4)
+    tool_chain(client, 4)
     with Browser() as browser:
         page = browser.open(web.ui_url)
         page.wait_for_text(f"localhost:{fake.port}/v1/responses", ".flow-table")

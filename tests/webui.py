@@ -8,7 +8,6 @@ import re
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from replayguard.tools.harness import Mitmdump, listening_ports

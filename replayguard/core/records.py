@@ -31,7 +31,6 @@ shaped like an API key or bearer token before it is written.
 from __future__ import annotations
 
 import enum
-import json
 from typing import Any, Callable, Iterable, Mapping
 
 from . import events as ev
