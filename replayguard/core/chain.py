@@ -19,6 +19,7 @@ Item = dict[str, Any]
 
 TERMINAL_OK = "response.completed"
 TERMINAL_FAILED = frozenset({"response.failed", "response.incomplete", "error"})
+TERMINAL = TERMINAL_FAILED | {TERMINAL_OK}  # the events that end a turn
 
 
 class RequestError(ValueError):

@@ -31,9 +31,11 @@ shaped like an API key or bearer token before it is written.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 from . import events as ev
+from .chain import TERMINAL
 from .messages import parse
 from .redact import redact_headers
 
@@ -140,6 +142,65 @@ def records_in_flow(messages: Iterable[Any]) -> list[dict[str, Any]]:
         if isinstance(record, dict) and isinstance(record.get("event"), str):
             out.append(record)
     return out
+
+
+@dataclass
+class FlowTurn:
+    """One turn as a flow's messages show it: the client's response.create and the upstream events after it."""
+
+    number: int
+    request: dict[str, Any]
+    size: int  # bytes of the request as the client sent it
+    started: float  # when the request passed the proxy
+    index: int  # the request's position among the flow's messages
+    before: list[str]  # the client's other messages since the previous request, as text
+    event_types: list[Any] = field(default_factory=list)  # every upstream event of the turn, in order
+    items: list[dict[str, Any]] = field(default_factory=list)  # its output items, as they were done
+    response_id: str | None = None
+    terminal: dict[str, Any] | None = None  # the event that ended the turn; None while it was in flight
+    ended: float | None = None
+    end_index: int | None = None  # the terminal event's position among the flow's messages
+
+    @property
+    def outputs(self) -> list[dict[str, Any]]:
+        """The output items: as they were done, else those the terminal event's response lists."""
+        response = self.terminal.get("response") if self.terminal is not None else None
+        listed = response.get("output") if isinstance(response, dict) else None
+        return self.items or [i for i in listed or [] if isinstance(i, dict)]
+
+
+def turns_in_flow(messages: Iterable[Any]) -> list[FlowTurn]:
+    """A WebSocket flow's turns, from the messages the client really sent and received (replayguard's own records
+    and other injected messages are not the client's). Upstream events outside a turn are not part of one."""
+    turns: list[FlowTurn] = []
+    turn: FlowTurn | None = None
+    before: list[str] = []
+    for index, message in enumerate(messages):
+        if message.injected:
+            continue
+        obj = parse(message.content)
+        if message.from_client:
+            if isinstance(obj, dict) and obj.get("type") == "response.create":
+                turn = FlowTurn(len(turns) + 1, obj, len(message.content), message.timestamp, index, before)
+                turns.append(turn)
+                before = []
+            else:
+                before.append(message.content.decode("utf-8", errors="replace"))
+            continue
+        if turn is None or not isinstance(obj, dict):
+            continue
+        kind = obj.get("type")
+        turn.event_types.append(kind)
+        if kind == "response.created" and isinstance(obj.get("response"), dict):
+            turn.response_id = obj["response"].get("id")
+        elif kind == "response.output_item.done" and isinstance(obj.get("item"), dict):
+            turn.items.append(obj["item"])
+        elif isinstance(kind, str) and kind in TERMINAL:
+            response = obj.get("response") if isinstance(obj.get("response"), dict) else {}
+            turn.response_id = response.get("id") or turn.response_id
+            turn.terminal, turn.ended, turn.end_index = obj, message.timestamp, index
+            turn = None
+    return turns
 
 
 def read_records(lines: Iterable[str]) -> tuple[list[dict[str, Any]], list[int]]:

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from websockets.sync.client import connect
 
-TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
+from ..core.chain import TERMINAL
 
 
 def run(url: str, turns: int, headers: dict[str, str], store: bool = False, timeout: float = 30,

@@ -23,11 +23,10 @@ from typing import Any, Iterable
 
 from ..core.errors import PREFIX
 from ..core.faults import InjectedError, upstream_error
-from ..core.records import read_records, records_in_flow
+from ..core.records import read_records, records_in_flow, turns_in_flow
 from ..core.recovery import Action, Trigger
 
 FIXTURE_VERSION = 1
-TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
 HOW_TO_RECORD = ("record one with `trace: {bodies: full}` in rules.yaml and `--set replayguard_trace=FILE`, or save "
                  "the flows with `mitmdump -w FILE`")
 
@@ -540,62 +539,39 @@ def _tnet_items(body: bytes) -> list[Any]:
 def _flow_records(flow: _Flow) -> list[dict[str, Any]]:
     """Trace-schema records for one flow: replayguard's own (kept in the flow) and the turns rebuilt from the
     client's messages, with the full requests, output items and event order."""
-    out: list[dict[str, Any]] = []
     session: str | None = flow.id
-    head = ('{"type": "replayguard.').encode()
-    turn: dict[str, Any] | None = None
-    number = 0
-    before: list[str] = []
-    for message in flow.messages:
-        if message.injected:
-            if message.content.startswith(head):
-                for record in records_in_flow([message]):
-                    session = session or record.get("session")
-                    out.append(record)
+    placed: list[tuple[int, dict[str, Any]]] = []  # (position among the messages, record)
+    for index, message in enumerate(flow.messages):
+        for record in records_in_flow([message]):
+            session = session or record.get("session")
+            placed.append((index, record))
+    turns = turns_in_flow(flow.messages)
+    for turn in turns:
+        placed.append((turn.index, {"event": "turn.start", "ts": turn.started, "turn": turn.number,
+                                    "body": turn.request, "before": turn.before}))
+        if turn.terminal is None:
             continue
-        text = message.content.decode("utf-8", errors="replace")
-        try:
-            obj = json.loads(text)
-        except ValueError:
-            obj = None
-        if message.from_client:
-            if isinstance(obj, dict) and obj.get("type") == "response.create":
-                number += 1
-                turn = {"event": "turn.start", "ts": message.timestamp, "turn": number, "body": obj,
-                        "before": before}
-                out.append(turn)
-                turn = {"turn": number, "types": [], "items": [], "response_id": None}
-                before = []
-            else:
-                before.append(text)
-            continue
-        if turn is None or not isinstance(obj, dict):
-            continue
-        kind = obj.get("type")
-        turn["types"].append(kind)
-        if kind == "response.created" and isinstance(obj.get("response"), dict):
-            turn["response_id"] = obj["response"].get("id")
-        elif kind == "response.output_item.done" and isinstance(obj.get("item"), dict):
-            turn["items"].append(obj["item"])
-        elif kind in TERMINAL:
-            response = obj.get("response") if isinstance(obj.get("response"), dict) else {}
-            end: dict[str, Any] = {"event": "turn.end", "ts": message.timestamp, "turn": turn["turn"],
-                                   "response_id": response.get("id") or turn["response_id"],
-                                   "output_items": turn["items"] or [i for i in response.get("output") or []
-                                                                     if isinstance(i, dict)],
-                                   "usage": response.get("usage"), "event_types": turn["types"]}
-            mine = kind == "error" and str((obj.get("error") or {}).get("message", "")).startswith(PREFIX)
-            if mine:  # replayguard's fail-close: the upstream's events were those before it
-                end.update(status="aborted", event_types=turn["types"][:-1])
-            else:
-                end["status"] = "completed" if kind == "response.completed" else kind
-                if kind == "error":
-                    end["error_event"] = obj
-            out.append(end)
-            turn = None
-    if turn is not None and flow.ended:
-        out.append({"event": "turn.end", "turn": turn["turn"], "status": "connection lost",
-                    "close": flow.close_code, "output_items": turn["items"], "event_types": turn["types"]})
+        kind = turn.terminal.get("type")
+        response = turn.terminal.get("response") if isinstance(turn.terminal.get("response"), dict) else {}
+        end: dict[str, Any] = {"event": "turn.end", "ts": turn.ended, "turn": turn.number,
+                               "response_id": turn.response_id, "output_items": turn.outputs,
+                               "usage": response.get("usage"), "event_types": turn.event_types}
+        error = turn.terminal.get("error")
+        mine = kind == "error" and str((error if isinstance(error, dict) else {}).get("message", "")).startswith(PREFIX)
+        if mine:  # replayguard's fail-close: the upstream's events were those before it
+            end.update(status="aborted", event_types=turn.event_types[:-1])
+        else:
+            end["status"] = "completed" if kind == "response.completed" else kind
+            if kind == "error":
+                end["error_event"] = turn.terminal
+        assert turn.end_index is not None
+        placed.append((turn.end_index, end))
+    placed.sort(key=lambda entry: entry[0])  # stable: the records one message holds keep their order
+    out = [record for _, record in placed]
+    last = turns[-1] if turns else None
+    if last is not None and last.terminal is None and flow.ended:
+        out.append({"event": "turn.end", "turn": last.number, "status": "connection lost",
+                    "close": flow.close_code, "output_items": last.items, "event_types": last.event_types})
     session = session or f"flow-{id(flow)}"
     if not any(r["event"] == "session.start" for r in out):
         out.insert(0, {"event": "session.start", "url": flow.url})

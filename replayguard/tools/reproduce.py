@@ -31,13 +31,14 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from websockets.protocol import State
 from websockets.sync.client import ClientConnection, connect
 
+from ..core.chain import TERMINAL
 from ..core.errors import PREFIX
 from ..core.records import read_records
 from ..core.redact import scrub
 from .fake_upstream import Answer, Break, FakeUpstream, Script, ScriptedTurn
 from .harness import ROOT, Mitmdump
 from .recording import (
-    TERMINAL, Failure, Outcome, Recording, RecordedSession, RecordedTurn, RecordingError, error_code,
+    Failure, Outcome, Recording, RecordedSession, RecordedTurn, RecordingError, error_code,
     read_recording, sessions_from_records, to_fixture,
 )
 

@@ -24,10 +24,10 @@ from typing import Any
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from ..core.chain import TERMINAL
 from .fake_upstream import FakeUpstream
 from .harness import Mitmdump
 
-TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
 RULES: dict[str, Any] = {
     "match": [{"path": "*/responses"}],
     "upstream": {"ping_idle": 0, "ping_timeout": 0.5, "keepalive_interval": 0, "first_event_timeout": 1.5,

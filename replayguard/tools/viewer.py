@@ -16,11 +16,10 @@ from typing import Any, Iterable, TextIO
 
 from ..core.pairing import CALL_TYPES, OUTPUT_CALLS
 from ..core.records import (OMITTED, Bodies, error_fields, read_records, records_in_flow, summarize_item,
-                            turn_start_fields)
+                            turn_start_fields, turns_in_flow)
 from ..core.redact import redact_url
 
 Summary = dict[str, Any]
-TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -68,51 +67,27 @@ def _flow_records(flow: Any) -> list[dict[str, Any]]:
     start = next((r for r in kept if r["event"] == "session.start"), None)
     out.insert(0, {**(start or {"ts": flow.timestamp_created, "session": session, "event": "session.start",
                                 "url": redact_url(url)}), "source": "flow"})
-    number = 0
-    turn: dict[str, Any] | None = None
     completed = failed = 0
-    for message in flow.websocket.messages:
-        if message.injected:
-            continue  # replayguard's own records (above) and messages injected by hand are not the client's
-        try:
-            obj = json.loads(message.content)
-        except ValueError:
+    for turn in turns_in_flow(flow.websocket.messages):
+        out.append({"ts": turn.started, "session": session, "event": "turn.start", "turn": turn.number,
+                    "conn": None, **turn_start_fields(turn.request, turn.size, Bodies.SUMMARY)})
+        if turn.terminal is None:
             continue
-        if not isinstance(obj, dict):
-            continue
-        kind = obj.get("type")
-        if message.from_client:
-            if kind != "response.create":
-                continue
-            number += 1
-            turn = {"turn": number, "t0": message.timestamp, "outputs": [], "response_id": None,
-                    "previous_response_id": obj.get("previous_response_id")}
-            out.append({"ts": message.timestamp, "session": session, "event": "turn.start", "turn": number,
-                        "conn": None, **turn_start_fields(obj, len(message.content), Bodies.SUMMARY)})
-            continue
-        if turn is None:
-            continue
-        if kind == "response.created" and isinstance(obj.get("response"), dict):
-            turn["response_id"] = obj["response"].get("id")
-        elif kind == "response.output_item.done" and isinstance(obj.get("item"), dict):
-            turn["outputs"].append(obj["item"])
-        elif kind in TERMINAL:
-            response = obj.get("response") if isinstance(obj.get("response"), dict) else {}
-            outputs = turn["outputs"] or [i for i in response.get("output") or [] if isinstance(i, dict)]
-            status = "completed" if kind == "response.completed" else kind
-            record = {"ts": message.timestamp, "session": session, "event": "turn.end", "turn": turn["turn"],
-                      "conn": None, "status": status, "response_id": response.get("id") or turn["response_id"],
-                      "previous_response_id": turn["previous_response_id"],
-                      "output": [summarize_item(i, Bodies.SUMMARY) for i in outputs],
-                      "ms": round((message.timestamp - turn["t0"]) * 1000, 1)}
-            if isinstance(response.get("usage"), dict):
-                record["usage"] = response["usage"]
-            if kind == "error":
-                record["error"] = error_fields(obj)
-            out.append(record)
-            completed += status == "completed"
-            failed += status != "completed"
-            turn = None
+        kind = turn.terminal.get("type")
+        response = turn.terminal.get("response") if isinstance(turn.terminal.get("response"), dict) else {}
+        status = "completed" if kind == "response.completed" else kind
+        record = {"ts": turn.ended, "session": session, "event": "turn.end", "turn": turn.number, "conn": None,
+                  "status": status, "response_id": turn.response_id,
+                  "previous_response_id": turn.request.get("previous_response_id"),
+                  "output": [summarize_item(i, Bodies.SUMMARY) for i in turn.outputs],
+                  "ms": round((turn.ended - turn.started) * 1000, 1)}
+        if isinstance(response.get("usage"), dict):
+            record["usage"] = response["usage"]
+        if kind == "error":
+            record["error"] = error_fields(turn.terminal)
+        out.append(record)
+        completed += status == "completed"
+        failed += status != "completed"
     ws = flow.websocket
     end = next((r for r in kept if r["event"] == "session.end"), None)
     out.append(end or {"ts": ws.timestamp_end or (flow.websocket.messages[-1].timestamp if ws.messages else 0),
