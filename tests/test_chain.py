@@ -19,6 +19,7 @@ from replayguard.core.chain import (
 )
 
 Item = dict[str, Any]
+P = "principal-1"  # the credentials fingerprint of the client in these tests (one client across its flows)
 
 
 # -- helpers -------------------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ def turn(chain: Chain, body: dict[str, Any], response_id: str | None, outputs: l
 
 
 def new_chain(**kw: Any) -> Chain:
-    return Chain(ChainStore(), **kw)
+    return Chain(ChainStore(), **{"principal": P, **kw})
 
 
 # -- input normalisation ---------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ def test_three_turn_store_false_chain_builds_full_input():
     r3 = respond(chain, "resp_3", [assistant("a3")])
     assert materialize(chain.head.history) == [u1, *out1, u2, *out2, u3, assistant("a3")]
     assert chain.completed == 3 and chain.failed == 0
-    assert len(chain.store) == 3 and chain.store.get("resp_1") is not None
+    assert len(chain.store) == 3 and chain.store.get("resp_1", P) is not None
     assert r3.turn.number == 3
 
 
@@ -356,7 +357,7 @@ def test_store_true_previous_marks_base_store_and_never_needs_rewrite():
     assert not chain.needs_rewrite(t)
     chain.connection_reset()
     assert not chain.needs_rewrite(t)  # stored server-side: any connection resolves it
-    other = Chain(chain.store)  # another flow, empty connection cache
+    other = Chain(chain.store, principal=P)  # another flow, empty connection cache
     assert not other.needs_rewrite(other.begin_turn(request([user("q2")], previous="resp_1"), ""))
 
 
@@ -400,7 +401,7 @@ def test_failed_turn_does_not_advance_head_and_clears_the_cache(terminal):
     assert result.turn.status == terminal
     assert chain.turn is None
     assert chain.head is head and chain.head.response_id == "resp_1"
-    assert chain.store.get("resp_bad") is None and len(chain.store) == 1
+    assert chain.store.get("resp_bad", P) is None and len(chain.store) == 1
     assert chain.cached_id is None  # the upstream evicts the referenced response after an error
     assert chain.completed == 1 and chain.failed == 1
     # the client's retry of the same continuation needs a rewrite, and its history is intact
@@ -476,28 +477,28 @@ def test_chain_store_lru_bound_and_evicted_counter():
 
 def test_chain_reports_store_evictions_and_keeps_its_head():
     store = ChainStore(max_records=1)
-    a, b = Chain(store), Chain(store)
+    a, b = Chain(store, principal=P), Chain(store, principal=P)
     r1 = turn(a, request([user("qa")]), "resp_a", [assistant("xa")])
     assert r1.evicted_records == 0
     r2 = turn(b, request([user("qb")]), "resp_b", [assistant("xb")])
     assert r2.evicted_records == 1 and store.evicted == 1
-    assert store.get("resp_a") is None
+    assert store.get("resp_a", P) is None
     # flow a still continues from its own head
     t = a.begin_turn(request([user("qa2")], previous="resp_a"), "")
     assert t.base_known and t.full_input() == [user("qa"), assistant("xa"), user("qa2")]
     # but another flow cannot resume resp_a any more
-    c = Chain(store)
+    c = Chain(store, principal=P)
     assert c.begin_turn(request([user("qa2")], previous="resp_a"), "").full_input() is None
 
 
 def test_second_chain_sharing_the_store_resumes_by_response_id():
     store = ChainStore()
-    first = Chain(store)
+    first = Chain(store, principal=P)
     turn(first, request([user("q1")]), "resp_1", [reasoning("1"), fcall("call_1")])
     turn(first, request([fout("call_1")], previous="resp_1"), "resp_2", [assistant("done")])
     expected = [user("q1"), reasoning("1"), fcall("call_1"), fout("call_1"), assistant("done")]
 
-    second = Chain(store)  # the client reconnected: a new flow
+    second = Chain(store, principal=P)  # the client reconnected: a new flow
     assert second.head is None and second.cached_id is None
     t = second.begin_turn(request([user("q3")], previous="resp_2"), "")
     assert t.base_known and t.base is first.head.history
@@ -508,7 +509,7 @@ def test_second_chain_sharing_the_store_resumes_by_response_id():
     assert second.cached_id == "resp_3"
     assert second.head.history.parent is first.head.history
     # an older response of the first flow is resumable too
-    t_old = Chain(store).begin_turn(request([user("x")], previous="resp_1"), "")
+    t_old = Chain(store, principal=P).begin_turn(request([user("x")], previous="resp_1"), "")
     assert t_old.full_input() == [user("q1"), reasoning("1"), fcall("call_1"), user("x")]
 
 
@@ -524,6 +525,17 @@ def test_a_chain_resumes_only_for_the_principal_that_made_it():
     again = Chain(store, principal="alice")
     assert again.begin_turn(request([user("go on")], previous="resp_1"), "").full_input() == [
         user("secret"), assistant("noted"), user("go on")]
+
+
+def test_a_session_without_credentials_is_a_principal_of_its_own():
+    """Nothing says two sessions without credentials are the same client: neither resumes the other's chain."""
+    store = ChainStore()
+    first = Chain(store)
+    turn(first, request([user("secret")]), "resp_1", [assistant("noted")])
+    assert first.begin_turn(request([user("more")], previous="resp_1"), "").base_known  # its own chain: as always
+    for other in (Chain(store), Chain(store, principal="")):
+        assert other.begin_turn(request([user("what was it?")], previous="resp_1"), "").full_input() is None
+    assert store.get("resp_1") is None and store.get("resp_1", first.principal) is not None
 
 
 def test_principal_fingerprints_are_keyed_and_cover_organisation_and_project():
@@ -550,7 +562,7 @@ def test_max_chain_bytes_evicts_the_history():
     r2 = turn(chain, request([big], previous="resp_1"), "resp_2", [assistant("a2")])
     assert r2.ok  # the turn itself completed; only its history is dropped
     assert r2.evicted_bytes > 3000
-    rec = chain.store.get("resp_2")
+    rec = chain.store.get("resp_2", P)
     assert rec is chain.head and rec.complete is False and rec.history is None
     t3 = chain.begin_turn(request([user("q3")], previous="resp_2"), "")
     assert t3.base_known is False and t3.full_input() is None
@@ -625,7 +637,7 @@ def test_turns_share_history_nodes_instead_of_copying():
     assert nb.parent is n1 and nb is not n2
     assert materialize(n2) == [user("q1"), assistant("a1"), user("q2"), assistant("a2")]
     assert materialize(nb) == [user("q1"), assistant("a1"), user("b"), assistant("ab")]
-    assert chain.store.get("resp_1").history is n1
+    assert chain.store.get("resp_1", P).history is n1
 
 
 def test_node_extend():
@@ -650,27 +662,27 @@ def test_turn_numbers_count_up():
 # -- resume TTL: the state of an ended session is freed -----------------------------------------------
 def test_retired_records_are_freed_after_the_deadline_only():
     store = ChainStore()
-    chain = Chain(store)
+    chain = Chain(store, principal=P)
     turn(chain, request([user("a")]), "resp_1", [assistant("x")])
     turn(chain, request([user("b")], previous="resp_1"), "resp_2", [assistant("y")])
     assert chain.response_ids == ["resp_1", "resp_2"]
     store.retire(chain.response_ids, deadline=100.0)
     assert store.retired == 2 and store.sweep(99.9) == 0 and len(store) == 2
     assert store.sweep(100.0) == 2 and len(store) == 0 and store.expired == 2
-    assert store.get("resp_2") is None
+    assert store.get("resp_2", P) is None
 
 
 def test_a_resumed_chain_is_adopted_and_not_freed():
     store = ChainStore()
-    old = Chain(store)
+    old = Chain(store, principal=P)
     turn(old, request([user("a")]), "resp_1", [assistant("x")])
     turn(old, request([user("b")], previous="resp_1"), "resp_2", [assistant("y")])
     store.retire(old.response_ids, deadline=10.0)
-    new = Chain(store)  # the client reconnected with its last id before the TTL ran out
+    new = Chain(store, principal=P)  # the client reconnected with its last id before the TTL ran out
     t = new.begin_turn(request([user("c")], previous="resp_2"), "{}")
     assert t.base_known and new.response_ids == ["resp_2"]
     assert store.sweep(11.0) == 1  # resp_1 is freed; resp_2 was adopted
-    assert store.get("resp_2") is not None and store.get("resp_1") is None
+    assert store.get("resp_2", P) is not None and store.get("resp_1", P) is None
     # The adopted record's history (including resp_1's turn) is still whole: replay needs it.
     assert [i["content"][0]["text"] for i in t.full_input() if i.get("role") == "user"] == ["a", "b", "c"]
 
@@ -680,12 +692,12 @@ def test_freed_chain_releases_its_history_nodes():
     import weakref
 
     store = ChainStore()
-    chain = Chain(store)
+    chain = Chain(store, principal=P)
     for n in range(5):
         turn(chain, request([user(str(n))], previous=f"resp_{n}" if n else None), f"resp_{n + 1}", [assistant("ok")])
     assert chain.head is not None and chain.head.history is not None
     node = weakref.ref(chain.head.history)
-    first = weakref.ref(store.get("resp_1").history)
+    first = weakref.ref(store.get("resp_1", P).history)
     ids = chain.response_ids
     del chain
     gc.collect()
@@ -698,7 +710,7 @@ def test_freed_chain_releases_its_history_nodes():
 
 def test_lru_eviction_forgets_the_deadline_too():
     store = ChainStore(max_records=1)
-    chain = Chain(store)
+    chain = Chain(store, principal=P)
     turn(chain, request([user("a")]), "resp_1", [assistant("x")])
     store.retire(["resp_1", "resp_unknown"], deadline=5.0)
     assert store.retired == 1

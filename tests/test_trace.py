@@ -201,7 +201,7 @@ def test_writer_directory_gets_a_file_per_run(tmp_path):
 def test_session_trace_scrubs_its_secrets_everywhere(tmp_path):
     writer = TraceWriter(tmp_path / "t.jsonl")
     headers = [("Authorization", f"Bearer {TOKEN}"), ("Cookie", f"a=1; sid={TOKEN}x")]
-    trace = SessionTrace(TraceFile(writer), "s", headers, Bodies.FULL)
+    trace = SessionTrace(TraceFile(writer), "s", secret_values(headers), Bodies.FULL)
     trace.record("turn.end", error={"message": f"Incorrect API key provided: {TOKEN}"}, note=f"cookie {TOKEN}x")
     writer.close()
     text = (tmp_path / "t.jsonl").read_text()

@@ -22,6 +22,9 @@ TERMINAL_FAILED = frozenset({"response.failed", "response.incomplete", "error"})
 TERMINAL = TERMINAL_FAILED | {TERMINAL_OK}  # the events that end a turn
 
 
+_anonymous = itertools.count(1)
+
+
 class RequestError(ValueError):
     """A response.create the state cannot interpret (the upstream will answer it itself)."""
 
@@ -201,7 +204,9 @@ class Chain:
     def __init__(self, store: ChainStore, max_chain_bytes: int = 256 * 2**20, principal: str = "") -> None:
         self.store = store
         self.max_chain_bytes = max_chain_bytes
-        self.principal = principal  # whose credentials this session carries (a fingerprint)
+        # Whose credentials this session carries (a fingerprint). A session with none is a principal of its own: it
+        # never resumes another flow's chain and is never resumed by one (nothing says the two are the same client).
+        self.principal = principal or f"anonymous:{next(_anonymous)}"
         self.head: ResponseRecord | None = None  # last completed response of this session
         self.cached_id: str | None = None  # response held in the current upstream connection's cache
         self.turn: Turn | None = None  # the turn in flight

@@ -4,12 +4,13 @@ router (:mod:`replayguard.proxy.routing`) takes a matched flow to the bridge."""
 from __future__ import annotations
 
 import asyncio
+import difflib
 import errno
 import os
 import logging
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable
 
 from mitmproxy import ctx, http
 from mitmproxy.exceptions import OptionsError
@@ -18,7 +19,7 @@ from ..core.chain import ChainStore
 from ..core.errors import INTERNAL, http_error_body
 from ..core.events import Listener
 from ..core.faults import FaultInjector
-from ..core.redact import principal, redact_url, scrub
+from ..core.redact import Credentials, redact_url, scrub
 from . import contentview
 from .bridge import Bridge
 from .clock import CLOCK
@@ -48,7 +49,11 @@ def is_websocket_upgrade(request: http.Request) -> bool:
 class ReplayGuard:
     """Keeps Responses WebSocket conversations alive across upstream connection failures."""
 
-    def __init__(self) -> None:
+    def __init__(self, script: str | None = None) -> None:
+        # The script that loaded us (addon.py): an edit of the package touches it, so mitmproxy reloads both.
+        self.script = Path(script) if script else None
+        self._package_seen: tuple[int, int] | None = None
+        self._unknown_reported: set[str] = set()
         self.rules: Rules | None = None
         self.store = ChainStore()
         self.bridge = Bridge()
@@ -80,6 +85,7 @@ class ReplayGuard:
         self.contentview = contentview.register()  # "Responses", chosen automatically for Responses messages
 
     def configure(self, updated: set[str]) -> None:
+        self._check_option_names()
         if "replayguard_rules" in updated or self.rules is None:
             try:
                 rules = load_rules(ctx.options.replayguard_rules or None)
@@ -91,6 +97,18 @@ class ReplayGuard:
         if "replayguard_trace" in updated:
             self._open_trace(ctx.options.replayguard_trace)
         self.tls = _tls_settings(ctx.options)
+
+    def _check_option_names(self) -> None:
+        """An option named replayguard_* that replayguard does not define is a misspelling (mitmproxy keeps unknown
+        --set options aside in case a script defines them later, silently). Logged as an error: at startup that stops
+        mitmproxy before it listens, with the options that do exist."""
+        ours = sorted(name for name in ctx.options.keys() if name.startswith("replayguard"))
+        for name in sorted(getattr(ctx.options, "deferred", {})):
+            if name.startswith("replayguard") and name not in self._unknown_reported:
+                self._unknown_reported.add(name)
+                close = difflib.get_close_matches(name, ours, n=1)
+                log.error("replayguard: unknown option %r%s; replayguard's options are: %s", name,
+                          f" (did you mean {close[0]}?)" if close else "", ", ".join(ours))
 
     def request(self, flow: http.HTTPFlow) -> None:
         """Which upgrades are Responses sessions, decided on the request as the client sent it (host: the name it
@@ -132,12 +150,16 @@ class ReplayGuard:
             connect_timeout=rules.upstream.connect_timeout,
             max_size=rules.upstream.max_message_size,
         )
-        view = FlowView(flow, destination, rules.trace.bodies)
-        listeners: list[Listener] = [SessionTrace(self.trace, flow.id, target.headers, rules.trace.bodies),
-                                     SessionLog(flow.id), view]
+        # Who is asking, wherever the client carries it (headers, the URL's query, subprotocol entries): it keys the
+        # chains this session may resume, and its secret values are scrubbed from everything written about it.
+        credentials = Credentials.of(request.headers.items(multi=True), destination.url)
+        secrets = credentials.secrets()
+        view = FlowView(flow, destination, rules.trace.bodies, secrets)
+        listeners: list[Listener] = [SessionTrace(self.trace, flow.id, secrets, rules.trace.bodies),
+                                     SessionLog(flow.id, secrets), view]
         faults = rules.faults_for(match.name, match.path, flow)
         session = Session(flow.id, target, rules, self.store, listeners, FaultInjector(faults) if faults else None,
-                          principal(target.headers, PRINCIPAL_KEY), rules.client.interval(idle_timeout()))
+                          credentials.principal(PRINCIPAL_KEY), rules.client.interval(idle_timeout()))
         self.flows[flow.id] = Live(session, view)
         flow.metadata["replayguard_upstream"] = redact_url(target.url)
         return session
@@ -193,7 +215,8 @@ class ReplayGuard:
             self.alarm = DescriptorAlarm(asyncio.get_running_loop())
         CLOCK.start()  # timers that discount stalls of our own loop
         if self._watcher is None:
-            self._watcher = asyncio.ensure_future(self._watch_rules())
+            self._package_seen = _package_signature()
+            self._watcher = asyncio.ensure_future(self._watch_files())
 
     def state_counts(self) -> dict[str, int]:
         """Per-flow state the addon holds right now (all zero once every session ended and resume_ttl passed)."""
@@ -201,9 +224,27 @@ class ReplayGuard:
                 "matched": len(self.matched), "flows": len(self.flows),
                 "saved_responses": len(self.store), "retired": self.store.retired}
 
-    async def done(self) -> None:
+    def done(self) -> Awaitable[None] | None:
+        """Not a coroutine function on purpose: mitmproxy calls ``done`` synchronously when it reloads or removes the
+        script (a coroutine there kills its file watcher for good, silently), and awaits an awaitable a hook returns
+        when it shuts down. At shutdown every session closes (1001) before mitmproxy exits; on a reload they end
+        with a retryable error and close 1012 (service restart) in the background, and their clients reconnect to
+        the new code."""
         counts = ", ".join(f"{k} {v}" for k, v in self.state_counts().items())
         log.info("replayguard: state at exit: %s", counts)
+        self._detach()
+        if _shutting_down():
+            return self._stop(reloading=False)
+        if self.bridge.active:
+            log.warning("replayguard: reloaded: %d live session(s) end with replayguard_reloaded (close 1012); their "
+                        "clients reconnect to the new code", len(self.bridge.active))
+        task = asyncio.ensure_future(self._stop(reloading=True))
+        _STOPPING.add(task)  # the old instance is dropped by mitmproxy: keep its last work alive until it is done
+        task.add_done_callback(_STOPPING.discard)
+        return None
+
+    def _detach(self) -> None:
+        """Leave mitmproxy's machinery (hooks, views, watchers) at once; sessions are closed by :meth:`_stop`."""
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
@@ -212,12 +253,16 @@ class ReplayGuard:
         if self.alarm is not None:
             self.alarm.uninstall()
             self.alarm = None
-        CLOCK.stop()
         if self.contentview is not None:
             contentview.unregister(self.contentview)
             self.contentview = None
-        await self.bridge.stop()
-        self.trace.close()
+
+    async def _stop(self, reloading: bool) -> None:
+        try:
+            await self.bridge.stop(reloading=reloading)
+        finally:
+            CLOCK.stop()
+            self.trace.close()
 
     def _open_trace(self, path: str) -> None:
         """Trace to ``path`` ("" = stop): live sessions move to the new file."""
@@ -247,23 +292,42 @@ class ReplayGuard:
             return None
         return st.st_mtime_ns, st.st_size
 
-    async def _watch_rules(self) -> None:
-        """Reload the rules file when it changes on disk. New flows get the new rules; a bad file is reported
-        (file, line, reason) once and the last good rules stay in force."""
+    async def _watch_files(self) -> None:
         while True:
             await asyncio.sleep(RULES_POLL_SECONDS)
-            signature = self._signature()
-            if signature is None or signature == self._rules_seen:
-                continue
-            self._rules_seen = signature
-            try:
-                rules = load_rules(self._rules_path())
-            except RulesError as e:
-                log.warning("replayguard: %s; keeping the last good rules (from %s)", e,
-                            self.rules.source if self.rules else "-")
-                continue
-            self._use(rules)
-            log.info("replayguard: reloaded rules from %s (policy %s)", rules.source, rules.recovery.policy.value)
+            self._check_package()
+            self._check_rules()
+
+    def _check_package(self) -> None:
+        """mitmproxy reloads the script file it was given when that file changes, not the package behind it: an
+        edited package file touches the script, so mitmproxy reloads it (and addon.py imports the package anew)."""
+        if self.script is None:
+            return
+        signature = _package_signature()
+        if signature == self._package_seen:
+            return
+        self._package_seen = signature
+        log.info("replayguard: the package changed on disk; reloading %s", self.script)
+        try:
+            os.utime(self.script)
+        except OSError as e:
+            log.warning("replayguard: cannot touch %s to reload it: %s", self.script, e.strerror or e)
+
+    def _check_rules(self) -> None:
+        """Reload the rules file when it changes on disk. New flows get the new rules; a bad file is reported
+        (file, line, reason) once and the last good rules stay in force."""
+        signature = self._signature()
+        if signature is None or signature == self._rules_seen:
+            return
+        self._rules_seen = signature
+        try:
+            rules = load_rules(self._rules_path())
+        except RulesError as e:
+            log.warning("replayguard: %s; keeping the last good rules (from %s)", e,
+                        self.rules.source if self.rules else "-")
+            return
+        self._use(rules)
+        log.info("replayguard: reloaded rules from %s (policy %s)", rules.source, rules.recovery.policy.value)
 
     # -- helpers ----------------------------------------------------------------------------------
     @staticmethod
@@ -274,6 +338,27 @@ class ReplayGuard:
         else:
             body = http_error_body(status, e.code, e.detail)
         return http.Response.make(status, body, {"content-type": "application/json"})
+
+
+def _package_signature() -> tuple[int, int]:
+    """(newest mtime, number of files) of the package's Python files: changes when one is edited, added or removed."""
+    files = list(Path(__file__).resolve().parents[1].rglob("*.py"))
+    newest = 0
+    for path in files:
+        try:
+            newest = max(newest, path.stat().st_mtime_ns)
+        except OSError:
+            pass
+    return newest, len(files)
+
+
+_STOPPING: set[asyncio.Task[None]] = set()  # the last work of instances a reload replaced
+
+
+def _shutting_down() -> bool:
+    """mitmproxy is exiting (not reloading the script): it sets should_exit before its done round."""
+    should_exit = getattr(ctx.master, "should_exit", None)
+    return should_exit is None or should_exit.is_set()
 
 
 def idle_timeout() -> float:

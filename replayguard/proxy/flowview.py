@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Iterable
 
 from cryptography import x509
 from mitmproxy import certs, ctx, http
@@ -29,6 +29,7 @@ from ..core import events as ev
 from ..core.messages import is_delta, parse
 from ..core.records import FLOW_RECORD, Bodies, record_of
 from ..core.recovery import Trigger
+from ..core.redact import scrub
 from .destination import Destination
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,10 @@ def _default(value: Any) -> Any:
 class FlowView:
     """The listener that keeps one session's flow showing what happened."""
 
-    def __init__(self, flow: http.HTTPFlow, destination: Destination, bodies: Bodies = Bodies.SUMMARY) -> None:
+    def __init__(self, flow: http.HTTPFlow, destination: Destination, bodies: Bodies = Bodies.SUMMARY,
+                 secrets: Iterable[str] = ()) -> None:
         self.flow = flow
+        self.secrets = list(secrets)  # the session's credential values: never in a record
         self.destination = destination
         self.bodies = bodies
         self.pending: list[WebSocketMessage] = []  # records made before the WebSocket existed (open, handshake)
@@ -76,7 +79,7 @@ class FlowView:
             content["sent"] = _json_or_text(event.sent)
         elif isinstance(event, ev.UpstreamLost) and event.raw is not None:
             content["message"] = _json_or_text(event.raw)
-        text = json.dumps(content, ensure_ascii=False, default=_default)
+        text = scrub(json.dumps(content, ensure_ascii=False, default=_default), self.secrets)
         message = WebSocketMessage(Opcode.TEXT, name in FROM_CLIENT, text.encode(), time.time(), injected=True)
         if self.flow.websocket is None:
             self.pending.append(message)
@@ -137,7 +140,7 @@ class FlowView:
         key = {"failed": "failed closed", "recovered": "recoveries"}.get(kind, "faults")
         self.counts[key] += 1
         symbol = {"failed": "✗", "recovered": "⟲"}.get(kind, "⚡")
-        self.notes.append(f"{symbol} {text}")
+        self.notes.append(scrub(f"{symbol} {text}", self.secrets))
         self._comment()
 
     def _comment(self) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from ..core import events as ev
 from ..core.records import Bodies, record_of
-from ..core.redact import scrub, secret_values
+from ..core.redact import scrub
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +94,12 @@ class SessionTrace:
     """One session's trace: a listener of its events that writes them as records, stamped with the session id and
     scrubbed of the session's own secrets (nothing while tracing is off)."""
 
-    def __init__(self, file: TraceFile, session: str, headers: Iterable[tuple[str, str]],
+    def __init__(self, file: TraceFile, session: str, secrets: Iterable[str] = (),
                  bodies: Bodies = Bodies.SUMMARY) -> None:
         self.file = file
         self.session = session
         self.bodies = bodies
-        self.secrets = secret_values(headers)
+        self.secrets = list(secrets)  # the session's credential values (core.redact.Credentials.secrets)
 
     def record(self, event: str, **fields: Any) -> None:
         writer = self.file.writer

@@ -4,7 +4,9 @@ handshakes), and clients misbehaving at random too: leaving mid-turn, presenting
 silent. It exits 1 on a lost turn, leaked state, an internal error of replayguard's, or one principal's items sent
 on another's connection.
 
-Clients behave like Codex CLI: each has a key of its own, chains with previous_response_id, and when a turn fails
+Clients behave like Codex CLI: each has a key of its own (carried where clients carry one: the Authorization,
+api-key or x-api-key header, the query string, a subprotocol entry, a cookie, or no credential at all), chains with
+previous_response_id, and when a turn fails
 closed with replayguard's error event (or its connection is gone) reconnects and resends its full history without
 previous_response_id.
 """
@@ -95,12 +97,34 @@ async def _attempt(ws: Any, request: dict[str, Any], timeout: float) -> tuple[st
         return "lost", None
 
 
-async def _connect(url: str, counts: Counts, key: str) -> Any:
+# Every place a client may carry its credential; session n uses FORMS[n % len(FORMS)], its intruder the same form
+# with another key. "none" sends no credential at all (the session's own x-soak-client header only names it for
+# the cross-principal count: it is not a credential).
+FORMS = ("authorization", "api-key", "x-api-key", "query", "subprotocol", "cookie", "none")
+
+
+def credential(form: str, key: str) -> tuple[str, dict[str, str], list[str] | None]:
+    """(query string, headers, subprotocols) that carry ``key`` in ``form``."""
+    if form == "authorization":
+        return "", {"Authorization": f"Bearer sk-{key}"}, None
+    if form in ("api-key", "x-api-key"):
+        return "", {form: key}, None
+    if form == "query":
+        return f"?api-version=2026-01-01&api-key={key}", {}, None
+    if form == "subprotocol":
+        return "", {}, [f"openai-insecure-api-key.{key}", "openai-beta.responses-v1"]
+    if form == "cookie":
+        return "", {"Cookie": f"theme=dark; session={key}"}, None
+    return "", {"x-soak-client": key}, None
+
+
+async def _connect(url: str, counts: Counts, key: str, form: str = "authorization") -> Any:
     """Open the client's WebSocket; a refused handshake (the upstream's 5xx, passed on) is retried, as clients do."""
+    query, headers, subprotocols = credential(form, key)
     for _ in range(20):
         try:
-            return await connect(url, max_size=None, ping_interval=None, open_timeout=10, proxy=None,
-                                 additional_headers={"Authorization": f"Bearer {key}"})
+            return await connect(url + query, max_size=None, ping_interval=None, open_timeout=10, proxy=None,
+                                 additional_headers=headers, subprotocols=subprotocols)  # type: ignore[arg-type]
         except InvalidStatus:
             counts.refused_connects += 1
             await asyncio.sleep(0.05)
@@ -122,8 +146,9 @@ async def _leave_mid_turn(ws: Any, request: dict[str, Any]) -> None:
 
 
 async def _stale(url: str, n: int, victim_id: str, counts: Counts) -> None:
-    """Another key presents this session's response id: it must get the upstream's answer, not this chain."""
-    ws = await _connect(url, counts, f"sk-soak-intruder-{n}")
+    """Another key (in the same form) presents this session's response id: it must get the upstream's answer, not
+    this chain."""
+    ws = await _connect(url, counts, f"soak-intruder-{n}", FORMS[n % len(FORMS)])
     try:
         request = {"type": "response.create", "model": "m", "store": False, "previous_response_id": victim_id,
                    "input": [{"type": "message", "role": "user", "content": "intruder asks"}]}
@@ -153,8 +178,8 @@ async def _session(url: str, n: int, turns: int, counts: Counts, rng: random.Ran
     history: list[dict[str, Any]] = []  # everything the upstream should see, as the client keeps it
     previous: str | None = None
     pending: dict[str, Any] | None = None
-    key = f"sk-soak-{n}"
-    ws = await _connect(url, counts, key)
+    key, form = f"soak-{n}", FORMS[n % len(FORMS)]
+    ws = await _connect(url, counts, key, form)
     try:
         for t in range(turns):
             counts.turns += 1
@@ -166,7 +191,7 @@ async def _session(url: str, n: int, turns: int, counts: Counts, rng: random.Ran
                 _count(counts, fault)
                 if await _silence(ws):
                     counts.silent_dropped += 1
-                    ws = await _connect(url, counts, key)
+                    ws = await _connect(url, counts, key, form)
                     counts.reconnects += 1
                     previous = None
             if pending is not None:
@@ -184,7 +209,7 @@ async def _session(url: str, n: int, turns: int, counts: Counts, rng: random.Ran
                     fault = None
                     _count(counts, "leave")
                     await _leave_mid_turn(ws, request)
-                    ws = await _connect(url, counts, key)
+                    ws = await _connect(url, counts, key, form)
                     counts.reconnects += 1
                     counts.left_then_resumed += 1
                     previous = None
@@ -205,7 +230,7 @@ async def _session(url: str, n: int, turns: int, counts: Counts, rng: random.Ran
                     counts.fail_codes[code] = counts.fail_codes.get(code, 0) + 1
                 # Like Codex: drop the socket, reconnect, resend the full history without previous_response_id.
                 await ws.close()
-                ws = await _connect(url, counts, key)
+                ws = await _connect(url, counts, key, form)
                 counts.reconnects += 1
                 previous = None
             else:
@@ -269,16 +294,28 @@ def run(sessions: int = 100, turns: int = 20, seed: int = 1, interval: float = 0
     return counts
 
 
+def _owner(handshake: dict[str, Any]) -> str | None:
+    """The soak session whose key (in whichever form) opened this upstream connection; None for an intruder."""
+    headers = handshake["headers"]
+    places = [headers.get(h, "") for h in ("authorization", "api-key", "x-api-key", "cookie", "sec-websocket-protocol",
+                                           "x-soak-client")] + [handshake.get("path", "")]
+    for text in places:
+        m = re.search(r"(?<![-\w])(?:sk-)?soak-(\d+)\b", text)
+        if m:
+            return m.group(1)
+    return None
+
+
 def _cross_principal(fake: FakeUpstream) -> int:
     """Upstream requests carrying items of another session than the key on their connection's handshake."""
-    keys = {h["conn"]: h["headers"].get("authorization", "") for h in fake.handshakes if h["conn"] is not None}
+    owners = {h["conn"]: _owner(h) for h in fake.handshakes if h["conn"] is not None}
     crossed = 0
     for conn, message in list(fake.received):
         if message.get("type") != "response.create":
             continue
-        owner = re.fullmatch(r"Bearer sk-soak-(\d+)", keys.get(conn, ""))
+        owner = owners.get(conn)
         sessions = set(re.findall(r"\bs(\d+) t\d+", json.dumps(message.get("input"))))
-        if sessions - ({owner.group(1)} if owner else set()):
+        if sessions - ({owner} if owner else set()):
             crossed += 1
     return crossed
 
