@@ -3,6 +3,7 @@ reason and the last good rules stay in force."""
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from conftest import BASE_RULES, Client, completed, user
@@ -62,3 +63,85 @@ def test_bad_rules_option_at_runtime_is_refused(fake, mitm, tmp_path):
         else:
             raise AssertionError("a bad rules file was accepted")
         assert addon.rules.source == str(good)
+
+
+def test_editing_the_script_and_then_the_package_reloads_both_and_live_sessions_end_cleanly(fake, tmp_path):
+    """mitmproxy calls ``done`` synchronously on a reload: a coroutine there would silently end its file watcher
+    and leave the old code running. Two successive edits, one of addon.py and one of the package, each load the
+    new code; the live sessions of the old one end with a retryable error (mid-turn) or close 1012 (idle)."""
+    import shutil
+
+    from websockets.exceptions import ConnectionClosed
+
+    from conftest import ROOT
+    from replayguard.tools.harness import Mitmdump
+
+    work = tmp_path / "checkout"
+    work.mkdir()
+    shutil.copy(ROOT / "addon.py", work / "addon.py")
+    shutil.copytree(ROOT / "replayguard", work / "replayguard", ignore=shutil.ignore_patterns("__pycache__"))
+    (work / "rules.yaml").write_text(yaml.safe_dump(BASE_RULES))
+    proxy = Mitmdump(tmp_path / "mitm", ["--mode", f"reverse:http://127.0.0.1:{fake.port}", "-s",
+                                         str(work / "addon.py")], BASE_RULES, addon=False)
+    proxy.start()
+    try:
+        def live_sessions() -> tuple[Client, Client]:
+            idle = Client(proxy.url + "/v1/responses")
+            completed(idle.turn({"model": "m", "store": False, "input": [user("hi")]}))
+            busy = Client(proxy.url + "/v1/responses")
+            fake.response_delay = 30  # the upstream thinks: busy's turn is in flight during the reload
+            busy.send({"type": "response.create", "model": "m", "store": False, "input": [user("think")]})
+            fake.wait_for(lambda: len(fake.received) >= 2)
+            return idle, busy
+
+        def ended(idle: Client, busy: Client) -> None:
+            events, code, _ = busy.until_closed(15)
+            assert code == 1012 and events[-1]["error"]["code"] == "replayguard_reloaded", (code, events)
+            assert events[-1]["status"] == 503 and events[-1]["error"]["type"] == "server_error"
+            _, code, reason = idle.until_closed(15)
+            assert code == 1012 and "reload" in reason
+            fake.response_delay = 0
+
+        # Edit 1: addon.py itself.
+        idle, busy = live_sessions()
+        (work / "addon.py").write_text((work / "addon.py").read_text() + "\n# edited\n")
+        proxy.wait_log(r"2 live session\(s\) end with replayguard_reloaded", timeout=15)
+        ended(idle, busy)
+        assert proxy.log.count("Loading script") == 2
+        # Edit 2: a module of the package; its new code is what runs now.
+        idle, busy = live_sessions()
+        module = work / "replayguard" / "proxy" / "addon.py"
+        module.write_text(module.read_text().replace('"replayguard: rules from %s', '"replayguard (edit 2): rules from %s'))
+        proxy.wait_log(r"replayguard \(edit 2\): rules from", timeout=15)
+        ended(idle, busy)
+        assert proxy.log.count("Loading script") == 3
+        # The new code serves new sessions, and still recovers.
+        client = Client(proxy.url + "/v1/responses")
+        r1 = completed(client.turn({"model": "m", "store": False, "input": [user("hi")]}))
+        fake.close_all()
+        proxy.wait_log(r"lost while idle")
+        completed(client.turn({"model": "m", "store": False, "previous_response_id": r1["id"], "input": [user("b")]}))
+        client.close()
+        assert "Traceback" not in proxy.log and "AddonManagerError" not in proxy.log
+    finally:
+        proxy.stop()
+    with pytest.raises(ConnectionClosed):
+        idle.ws.recv(timeout=1)
+
+
+def test_a_misspelt_replayguard_option_stops_startup_naming_the_real_ones(fake, tmp_path):
+    """mitmproxy keeps an unknown --set option aside in case a script defines it later, and says nothing. replayguard
+    logs an error at startup, which makes mitmproxy exit 1 (it has printed its listening line by then: it loads
+    scripts while it starts its servers)."""
+    import subprocess
+
+    from replayguard.tools.harness import Mitmdump
+
+    proxy = Mitmdump(tmp_path, ["--mode", f"reverse:http://127.0.0.1:{fake.port}", "--set",
+                                "replayguard_rule=faults.yaml"], None)
+    done = subprocess.run(proxy.command(), capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "unknown option 'replayguard_rule' (did you mean replayguard_rules?)" in out
+    assert "replayguard's options are: replayguard_rules, replayguard_trace" in out
+    assert "Error logged during startup, exiting" in out

@@ -15,6 +15,7 @@ any other 400, a 429 or code server_is_overloaded ends its run.
 | strict policy, tool output involved        | (none: close only, as the peer gateway) |                     | 1008  |
 | an internal error of replayguard's         | 500    | server_error          | replayguard_internal_error    | 1011  |
 | the proxy stops during a turn              | 503    | server_error          | replayguard_shutting_down     | 1001  |
+| the addon is reloaded during a turn        | 503    | server_error          | replayguard_reloaded          | 1012  |
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ PREFIX = "replayguard: "
 
 CLOSE_INTERNAL = 1011
 CLOSE_GOING_AWAY = 1001
+CLOSE_SERVICE_RESTART = 1012  # the addon was reloaded: reconnect
 CLOSE_POLICY = 1008
 STRICT_CLOSE_REASON = "upstream continuation connection is unavailable; please restart the conversation"
 
@@ -75,3 +77,10 @@ SHUTTING_DOWN = "replayguard_shutting_down"
 
 def shutting_down(message: str) -> dict[str, Any]:
     return error_event(503, "server_error", SHUTTING_DOWN, message)
+
+
+RELOADED = "replayguard_reloaded"
+
+
+def reloaded(message: str) -> dict[str, Any]:
+    return error_event(503, "server_error", RELOADED, message)

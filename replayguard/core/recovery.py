@@ -115,6 +115,13 @@ def shutting_down() -> Decision:
     return _fail(reason, errors.shutting_down(reason), errors.CLOSE_GOING_AWAY)
 
 
+def reloading() -> Decision:
+    """The addon is being reloaded (its script or package was edited) with a turn in flight: a retryable error, and
+    the close code for a service restart; the client reconnects to the new code."""
+    reason = "replayguard was reloaded; reconnect and retry the turn"
+    return _fail(reason, errors.reloaded(reason), errors.CLOSE_SERVICE_RESTART)
+
+
 def handshake_failed(trigger: Trigger, status: int | None, detail: str) -> Decision:
     """The fresh connection a recovery needed could not be opened."""
     what = f"HTTP {status}" if status else detail

@@ -132,13 +132,13 @@ class Bridge:
         finally:
             self.active.discard(session)
 
-    async def stop(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
+    async def stop(self, timeout: float = SHUTDOWN_TIMEOUT, reloading: bool = False) -> None:
         """Stop accepting, and shut every session down at once (a silent upstream must not hold the others up)."""
         for session in list(self.expected.values()):
             self.discard(session)
         for server in self._servers.values():
             server.close(close_connections=False)  # the sessions close their clients themselves
-        tasks = [asyncio.ensure_future(session.shutdown()) for session in list(self.active)]
+        tasks = [asyncio.ensure_future(session.shutdown(reloading)) for session in list(self.active)]
         if tasks:
             done, pending = await asyncio.wait(tasks, timeout=timeout)
             for task in pending:

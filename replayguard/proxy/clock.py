@@ -20,17 +20,20 @@ class LoopClock:
     def __init__(self) -> None:
         self.stalled = 0.0  # seconds the loop was stalled, in all
         self._task: asyncio.Task[None] | None = None
+        self._users = 0  # addon instances using it (a script reload overlaps the old one's last work and the new)
 
     def now(self) -> float:
         """Monotonic seconds, not counting the time the loop was stalled."""
         return time.monotonic() - self.stalled
 
     def start(self) -> None:
+        self._users += 1
         if self._task is None:
             self._task = asyncio.ensure_future(self._watch())
 
     def stop(self) -> None:
-        if self._task is not None:
+        self._users = max(0, self._users - 1)
+        if self._task is not None and self._users == 0:
             self._task.cancel()
             self._task = None
 

@@ -24,9 +24,10 @@ from ..core.chain import Chain, ChainStore, RequestError, Turn
 from ..core.faults import FaultInjector, FaultRule
 from ..core.messages import STEP, dumps_steps, is_delta, parse, parse_steps
 from ..core.records import error_fields
-from ..core.errors import CLOSE_GOING_AWAY
+from ..core.errors import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 from ..core.recovery import (Action, Decision, Situation, Trigger, decide, handshake_failed, internal_error,
                              shutting_down)
+from ..core.recovery import reloading as reloading_decision
 from ..core.redact import redact_url
 from .clock import CLOCK
 from .injection import CONNECTION_FAULTS, FaultActions
@@ -70,7 +71,7 @@ class Session:
         self._finished = asyncio.Event()  # set when close() is done
         self._crashing = False  # an internal error is failing the session closed
         self._client_gone = False  # the client stopped answering pings
-        self._shutdown = False  # closed because the proxy stops
+        self._shutdown = ""  # why the proxy closed it (stopping, or the addon reloaded)
 
     @property
     def upstream(self) -> Upstream | None:
@@ -134,17 +135,21 @@ class Session:
                 await self.close()
                 return
 
-    async def shutdown(self) -> None:
-        """The proxy is stopping: a client mid-turn gets a retryable error event, every client close 1001 (going
-        away); a silent upstream is dropped, not waited for."""
+    async def shutdown(self, reloading: bool = False) -> None:
+        """The proxy is stopping (or the addon is being reloaded): a client mid-turn gets a retryable error event,
+        every client close 1001 (going away; 1012, service restart, for a reload); a silent upstream is dropped, not
+        waited for."""
         if self.closed:
             return
         turn = self.chain.turn
         if turn is not None:
-            await self._fail(turn, shutting_down())
+            await self._fail(turn, reloading_decision() if reloading else shutting_down())
         else:
-            self._shutdown = True
-            await self._close_client(CLOSE_GOING_AWAY, "replayguard is shutting down")
+            self._shutdown = "the addon was reloaded" if reloading else "the proxy shut down"
+            if reloading:
+                await self._close_client(CLOSE_SERVICE_RESTART, "replayguard reloaded; reconnect")
+            else:
+                await self._close_client(CLOSE_GOING_AWAY, "replayguard is shutting down")
         if self.upstream is not None:
             self.upstream.abort()
         await self.close()
@@ -255,7 +260,7 @@ class Session:
         if self._client_gone:
             return "client stopped answering pings"
         if self._shutdown:
-            return "the proxy shut down"
+            return self._shutdown
         ws = self.client
         code = ws.close_code if ws is not None else None
         return f"client closed ({code})" if code is not None else "closed"
