@@ -4,11 +4,10 @@ containing RAISE trigger it, so a bystander session is untouched."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 
-from replayguard.core import records
-from replayguard.proxy import link, rules, session, tracing
+from replayguard.core import protocol, records
+from replayguard.proxy import rules, session, tracing
 
 WHERE = os.environ.get("REPLAYGUARD_TEST_RAISE", "")
 MARK = "RAISE"
@@ -42,22 +41,21 @@ def carries_mark(*args, **kwargs) -> bool:
 
 
 if WHERE == "client_reader":
-    wrap(session.Session, "_from_client", lambda self, message: carries_mark(message))
+    wrap(protocol.Protocol, "client_message", lambda self, text, *a: carries_mark(text))
 elif WHERE == "upstream_reader":
-    wrap(session.Session, "upstream_message", lambda self, conn, message: carries_mark(message))
+    wrap(protocol.Protocol, "upstream_message", lambda self, conn, text, *a: carries_mark(text))
 elif WHERE == "recovery":
-    wrap(session.Session, "_carry_over", lambda self, turn, *a, **k: MARK in turn.raw)
+    wrap(protocol.Protocol, "_carry_over", lambda self, flights, *a: any(MARK in f.turn.raw for f in flights))
 elif WHERE == "keepalive":
-    keepalive = link.UpstreamLink.keepalive
+    init = session.Session.__init__
 
-    async def failing_keepalive(self, turn_in_flight):
-        if MARK.lower() not in self.target.url:
-            return await keepalive(self, turn_in_flight)
-        await asyncio.sleep(self.cfg.keepalive_interval)
-        raise Raised("test hook in keepalive")
+    def tagged_init(self, flow_id, target, *args, **kwargs):
+        init(self, flow_id, target, *args, **kwargs)
+        self.protocol.raise_here = MARK.lower() in target.url  # only the session that asked for it
 
-    failing_keepalive.__qualname__ = keepalive.__qualname__  # the same task, as the session names it
-    link.UpstreamLink.keepalive = failing_keepalive
+    session.Session.__init__ = tagged_init
+    wrap(protocol.Protocol, "timer_expired",
+         lambda self, key: key[0] == "keepalive" and getattr(self, "raise_here", False))
 elif WHERE == "rules":
     wrap(rules.Rules, "matches", lambda self, host, path, flow=None: MARK.lower() in path)
 elif WHERE == "trace":

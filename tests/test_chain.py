@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from typing import Any
 
 import pytest
@@ -13,9 +14,11 @@ from replayguard.core.chain import (
     Node,
     RequestError,
     ResponseRecord,
+    Turn,
     TurnResult,
     materialize,
     normalize_input,
+    resolves,
 )
 
 Item = dict[str, Any]
@@ -61,8 +64,52 @@ def request(input: Any = None, previous: str | None = None, store: bool | None =
     return body
 
 
-def feed(chain: Chain, event: dict[str, Any]) -> TurnResult | None:
-    return chain.on_event(event, len(json.dumps(event)))
+# The chain no longer tracks the turn in flight or the connection's cache (the protocol core does, per lane and per
+# connection): these helpers stand in for it, the way the core uses the chain on one lane and one connection.
+_turns: weakref.WeakKeyDictionary[Chain, Turn] = weakref.WeakKeyDictionary()
+_cache: weakref.WeakKeyDictionary[Chain, str | None] = weakref.WeakKeyDictionary()
+
+
+def begin(chain: Chain, body: dict[str, Any], raw: str | None = None) -> Turn:
+    turn = chain.begin_turn(body, json.dumps(body) if raw is None else raw)
+    _turns[chain] = turn
+    return turn
+
+
+def feed(chain: Chain, event: dict[str, Any], size: int | None = None) -> TurnResult | None:
+    turn = _turns.get(chain)
+    if turn is None:
+        return None
+    result = chain.on_event(turn, event, len(json.dumps(event)) if size is None else size)
+    if result is not None:
+        del _turns[chain]
+        _cache[chain] = turn.response_id if result.ok else None
+    return result
+
+
+def cached(chain: Chain) -> str | None:
+    return _cache.get(chain)
+
+
+def needs_rewrite(chain: Chain, turn: Turn) -> bool:
+    held = cached(chain)
+    return not resolves(turn, [held] if held else [])
+
+
+def connection_reset(chain: Chain) -> None:
+    _cache[chain] = None
+
+
+def in_flight(chain: Chain) -> Turn | None:
+    return _turns.get(chain)
+
+
+def abort(chain: Chain) -> Turn | None:
+    turn = _turns.pop(chain, None)
+    if turn is not None:
+        chain.abort(turn)
+        _cache[chain] = None
+    return turn
 
 
 def respond(
@@ -103,7 +150,7 @@ def respond(
 
 
 def turn(chain: Chain, body: dict[str, Any], response_id: str | None, outputs: list[Item], **kw: Any) -> TurnResult:
-    chain.begin_turn(body, json.dumps(body))
+    begin(chain, body)
     return respond(chain, response_id, outputs, **kw)
 
 
@@ -133,8 +180,8 @@ def test_normalize_input_rejects_other_types(value):
         normalize_input(value)
     chain = new_chain()
     with pytest.raises(RequestError):
-        chain.begin_turn(request(value), "{}")
-    assert chain.turn is None
+        begin(chain, request(value), "{}")
+    assert in_flight(chain) is None
 
 
 @pytest.mark.parametrize("previous", [123, ["resp_1"], {"id": "resp_1"}])
@@ -148,7 +195,7 @@ def test_string_input_is_one_user_message_in_the_chain():
     result = turn(chain, request("hello"), "resp_1", [assistant("hi")])
     assert result.ok
     assert result.turn.new_items == [{"type": "message", "role": "user", "content": "hello"}]
-    t2 = chain.begin_turn(request("again", previous="resp_1"), "")
+    t2 = begin(chain, request("again", previous="resp_1"), "")
     assert t2.full_input() == [
         {"type": "message", "role": "user", "content": "hello"},
         assistant("hi"),
@@ -170,14 +217,14 @@ def test_three_turn_store_false_chain_builds_full_input():
     assert r1.turn.outputs == out1
     assert chain.head is not None and chain.head.response_id == "resp_1" and chain.head.complete
     assert materialize(chain.head.history) == [u1, *out1]
-    assert chain.cached_id == "resp_1"
+    assert cached(chain) == "resp_1"
 
     body2 = request([u2], previous="resp_1", tools=[{"type": "function", "name": "f"}], reasoning={"effort": "low"})
-    t2 = chain.begin_turn(body2, json.dumps(body2))
+    t2 = begin(chain, body2, json.dumps(body2))
     assert t2.number == 2 and t2.base_known and not t2.base_store and not t2.client_sent_full
     assert t2.new_items == [u2]
     assert t2.full_input() == [u1, *out1, u2]
-    assert not chain.needs_rewrite(t2)  # the upstream connection holds resp_1
+    assert not needs_rewrite(chain, t2)  # the upstream connection holds resp_1
     replay = t2.replay_request()
     assert "previous_response_id" not in replay
     assert replay["input"] == [u1, *out1, u2]
@@ -186,9 +233,9 @@ def test_three_turn_store_false_chain_builds_full_input():
     }
     assert body2["previous_response_id"] == "resp_1" and body2["input"] == [u2]  # request not mutated
     r2 = respond(chain, "resp_2", out2)
-    assert r2.ok and chain.head.response_id == "resp_2" and chain.cached_id == "resp_2"
+    assert r2.ok and chain.head.response_id == "resp_2" and cached(chain) == "resp_2"
 
-    t3 = chain.begin_turn(request([u3], previous="resp_2"), "")
+    t3 = begin(chain, request([u3], previous="resp_2"), "")
     assert t3.full_input() == [u1, *out1, u2, *out2, u3]
     assert t3.replay_request()["input"] == [u1, *out1, u2, *out2, u3]
     r3 = respond(chain, "resp_3", [assistant("a3")])
@@ -201,7 +248,7 @@ def test_three_turn_store_false_chain_builds_full_input():
 def test_tool_round_trip_chain():
     chain = new_chain()
     turn(chain, request([user("ls")]), "resp_1", [reasoning("1"), fcall("call_a"), fcall("call_b")])
-    t2 = chain.begin_turn(request([fout("call_a"), fout("call_b")], previous="resp_1"), "")
+    t2 = begin(chain, request([fout("call_a"), fout("call_b")], previous="resp_1"), "")
     assert t2.full_input() == [user("ls"), reasoning("1"), fcall("call_a"), fcall("call_b"),
                                fout("call_a"), fout("call_b")]
 
@@ -218,7 +265,7 @@ def test_outputs_come_from_output_item_done_in_order_not_from_completed():
 
 def test_output_item_added_and_non_dict_done_items_are_not_outputs():
     chain = new_chain()
-    chain.begin_turn(request([user("q")]), "")
+    begin(chain, request([user("q")]), "")
     feed(chain, {"type": "response.created", "response": {"id": "resp_1"}})
     feed(chain, {"type": "response.output_item.added", "item": assistant("partial")})
     feed(chain, {"type": "response.output_item.done", "item": "not a dict"})
@@ -242,15 +289,15 @@ def test_completed_without_output_item_done_uses_response_output():
 
 def test_completed_carries_the_id_when_created_was_not_seen():
     chain = new_chain()
-    chain.begin_turn(request([user("q")]), "")
+    begin(chain, request([user("q")]), "")
     result = feed(chain, {"type": "response.completed", "response": {"id": "resp_late", "output": [assistant("a")]}})
     assert result is not None and result.ok
-    assert chain.head.response_id == "resp_late" and chain.cached_id == "resp_late"
+    assert chain.head.response_id == "resp_late" and cached(chain) == "resp_late"
 
 
 def test_completed_without_any_response_id_is_not_ok():
     chain = new_chain()
-    chain.begin_turn(request([user("q")]), "")
+    begin(chain, request([user("q")]), "")
     result = feed(chain, {"type": "response.completed", "response": {"output": [assistant("a")]}})
     assert result is not None and not result.ok
     assert chain.head is None and len(chain.store) == 0 and chain.failed == 1
@@ -264,14 +311,14 @@ def test_generate_false_warm_up_then_continuation_on_the_warm_up_id():
     assert result.ok and result.turn.generate is False
     assert chain.head.response_id == "resp_warm" and chain.head.complete
     assert chain.head.history is not None and chain.head.history.length == 0
-    assert chain.cached_id == "resp_warm"
+    assert cached(chain) == "resp_warm"
 
-    t = chain.begin_turn(request([user("go")], previous="resp_warm"), "")
+    t = begin(chain, request([user("go")], previous="resp_warm"), "")
     assert t.generate is True and t.base_known
     assert t.full_input() == [user("go")]
-    assert not chain.needs_rewrite(t)
-    chain.connection_reset()
-    assert chain.needs_rewrite(t)
+    assert not needs_rewrite(chain, t)
+    connection_reset(chain)
+    assert needs_rewrite(chain, t)
     replay = t.replay_request()
     assert replay["input"] == [user("go")] and "previous_response_id" not in replay and "generate" not in replay
     respond(chain, "resp_1", [assistant("done")])
@@ -286,10 +333,10 @@ def test_codex_turn_pattern_warm_up_chained_on_previous_then_empty_input():
     turn(chain, request([], previous="resp_1", generate=False), "resp_w2", [])
     assert chain.head.response_id == "resp_w2"
     assert chain.head.history is hist1  # no items: the warm-up shares resp_1's node
-    t = chain.begin_turn(request([user("q2")], previous="resp_w2"), "")
+    t = begin(chain, request([user("q2")], previous="resp_w2"), "")
     assert t.full_input() == [user("q1"), assistant("a1"), user("q2")]
     respond(chain, "resp_2", [assistant("a2")])
-    t = chain.begin_turn(request([], previous="resp_2"), "")
+    t = begin(chain, request([], previous="resp_2"), "")
     assert t.full_input() == [user("q1"), assistant("a1"), user("q2"), assistant("a2")]
 
 
@@ -301,14 +348,14 @@ def test_full_history_without_previous_id_is_recognised_as_prefix():
     hist = chain.head.history
     full = [u1, a1, u2]
     body = request(full)
-    t = chain.begin_turn(body, json.dumps(body))
+    t = begin(chain, body, json.dumps(body))
     assert t.client_sent_full is True
     assert t.previous_id is None
     assert t.new_items == [u2]  # only the delta is stored
     assert t.base is hist  # on top of the known history, not a copy
     assert t.full_input() == full
     assert t.replay_request() == body  # identical to what the client sent (no previous id to drop)
-    assert not chain.needs_rewrite(t)
+    assert not needs_rewrite(chain, t)
     respond(chain, "resp_2", [assistant("a2")])
     assert chain.head.history.parent is hist
     assert chain.head.history.items == (u2, assistant("a2"))
@@ -317,7 +364,7 @@ def test_full_history_without_previous_id_is_recognised_as_prefix():
 def test_full_history_equal_to_the_known_history_has_no_new_items():
     chain = new_chain()
     turn(chain, request([user("one")]), "resp_1", [assistant("a1")])
-    t = chain.begin_turn(request([user("one"), assistant("a1")]), "")
+    t = begin(chain, request([user("one"), assistant("a1")]), "")
     assert t.client_sent_full and t.new_items == []
     assert t.full_input() == [user("one"), assistant("a1")]
 
@@ -336,7 +383,7 @@ def test_full_history_equal_to_the_known_history_has_no_new_items():
 def test_input_that_does_not_start_with_the_history_is_taken_whole(sent):
     chain = new_chain()
     turn(chain, request([user("one")]), "resp_1", [assistant("a1")])
-    t = chain.begin_turn(request(sent), "")
+    t = begin(chain, request(sent), "")
     assert t.client_sent_full is False
     assert t.base is None and t.base_known
     assert t.new_items == sent and t.full_input() == sent
@@ -352,13 +399,13 @@ def test_store_true_previous_marks_base_store_and_never_needs_rewrite():
     chain = new_chain()
     result = turn(chain, request([user("q")], store=True), "resp_1", [assistant("a")])
     assert result.turn.store is True and chain.head.store is True
-    t = chain.begin_turn(request([user("q2")], previous="resp_1", store=True), "")
+    t = begin(chain, request([user("q2")], previous="resp_1", store=True), "")
     assert t.base_store is True
-    assert not chain.needs_rewrite(t)
-    chain.connection_reset()
-    assert not chain.needs_rewrite(t)  # stored server-side: any connection resolves it
+    assert not needs_rewrite(chain, t)
+    connection_reset(chain)
+    assert not needs_rewrite(chain, t)  # stored server-side: any connection resolves it
     other = Chain(chain.store, principal=P)  # another flow, empty connection cache
-    assert not other.needs_rewrite(other.begin_turn(request([user("q2")], previous="resp_1"), ""))
+    assert not needs_rewrite(other, begin(other, request([user("q2")], previous="resp_1"), ""))
 
 
 @pytest.mark.parametrize(("store_field", "expected"), [(None, True), (True, True), (False, False)],
@@ -367,30 +414,44 @@ def test_store_defaults_to_true(store_field, expected):
     chain = new_chain()
     turn(chain, request([user("q")], store=store_field), "resp_1", [assistant("a")])
     assert chain.head.store is expected
-    t = chain.begin_turn(request([user("q2")], previous="resp_1"), "")
+    t = begin(chain, request([user("q2")], previous="resp_1"), "")
     assert t.base_store is expected
-    chain.connection_reset()
-    assert chain.needs_rewrite(t) is (not expected)
+    connection_reset(chain)
+    assert needs_rewrite(chain, t) is (not expected)
 
 
 def test_needs_rewrite_only_when_previous_is_not_the_cached_response():
     chain = new_chain()
     turn(chain, request([user("q1")]), "resp_1", [assistant("a1")])
     turn(chain, request([user("q2")], previous="resp_1"), "resp_2", [assistant("a2")])
-    assert chain.cached_id == "resp_2"
-    assert not chain.needs_rewrite(chain.begin_turn(request([user("fresh")]), ""))  # no previous id
-    assert not chain.needs_rewrite(chain.begin_turn(request([user("q3")], previous="resp_2"), ""))
+    assert cached(chain) == "resp_2"
+    assert not needs_rewrite(chain, begin(chain, request([user("fresh")]), ""))  # no previous id
+    assert not needs_rewrite(chain, begin(chain, request([user("q3")], previous="resp_2"), ""))
     # a branch from an older response of the same chain is not in the connection's cache
-    older = chain.begin_turn(request([user("q3")], previous="resp_1"), "")
-    assert chain.needs_rewrite(older)
+    older = begin(chain, request([user("q3")], previous="resp_1"), "")
+    assert needs_rewrite(chain, older)
     assert older.full_input() == [user("q1"), assistant("a1"), user("q3")]
-    t = chain.begin_turn(request([user("q3")], previous="resp_2"), "")
-    chain.connection_reset()
-    assert chain.cached_id is None
-    assert chain.needs_rewrite(t)
+    t = begin(chain, request([user("q3")], previous="resp_2"), "")
+    connection_reset(chain)
+    assert cached(chain) is None
+    assert needs_rewrite(chain, t)
 
 
-@pytest.mark.parametrize("terminal", ["response.failed", "response.incomplete", "error"])
+def test_an_incomplete_response_joins_the_chain():
+    """The upstream keeps an incomplete response (max_output_tokens, steered) with the output it got to: a client
+    may continue it, so a replay must carry it."""
+    chain = new_chain()
+    turn(chain, request([user("q1")]), "resp_1", [assistant("a1")])
+    result = turn(chain, request([user("q2")], previous="resp_1"), "resp_cut", [assistant("partial")],
+                  terminal="response.incomplete")
+    assert result.ok and result.turn.status == "response.incomplete"
+    assert chain.head.response_id == "resp_cut" and cached(chain) == "resp_cut"
+    assert chain.completed == 1 and chain.failed == 0  # not completed, not failed either
+    after = begin(chain, request([user("q3")], previous="resp_cut"), "")
+    assert after.full_input() == [user("q1"), assistant("a1"), user("q2"), assistant("partial"), user("q3")]
+
+
+@pytest.mark.parametrize("terminal", ["response.failed", "error"])
 def test_failed_turn_does_not_advance_head_and_clears_the_cache(terminal):
     chain = new_chain()
     turn(chain, request([user("q1")]), "resp_1", [assistant("a1")])
@@ -399,14 +460,14 @@ def test_failed_turn_does_not_advance_head_and_clears_the_cache(terminal):
                   terminal=terminal)
     assert not result.ok and result.evicted_bytes == 0
     assert result.turn.status == terminal
-    assert chain.turn is None
+    assert in_flight(chain) is None
     assert chain.head is head and chain.head.response_id == "resp_1"
     assert chain.store.get("resp_bad", P) is None and len(chain.store) == 1
-    assert chain.cached_id is None  # the upstream evicts the referenced response after an error
+    assert cached(chain) is None  # the upstream evicts the referenced response after an error
     assert chain.completed == 1 and chain.failed == 1
     # the client's retry of the same continuation needs a rewrite, and its history is intact
-    retry = chain.begin_turn(request([user("q2")], previous="resp_1"), "")
-    assert chain.needs_rewrite(retry)
+    retry = begin(chain, request([user("q2")], previous="resp_1"), "")
+    assert needs_rewrite(chain, retry)
     assert retry.full_input() == [user("q1"), assistant("a1"), user("q2")]
     respond(chain, "resp_2", [assistant("a2")])
     assert materialize(chain.head.history) == [user("q1"), assistant("a1"), user("q2"), assistant("a2")]
@@ -414,13 +475,13 @@ def test_failed_turn_does_not_advance_head_and_clears_the_cache(terminal):
 
 def test_abort_turn():
     chain = new_chain()
-    assert chain.abort_turn() is None
+    assert abort(chain) is None
     turn(chain, request([user("q1")]), "resp_1", [assistant("a1")])
-    t = chain.begin_turn(request([user("q2")], previous="resp_1"), "")
-    assert chain.abort_turn() is t
-    assert t.status == "aborted" and chain.turn is None and chain.cached_id is None and chain.failed == 1
+    t = begin(chain, request([user("q2")], previous="resp_1"), "")
+    assert abort(chain) is t
+    assert t.status == "aborted" and in_flight(chain) is None and cached(chain) is None and chain.failed == 1
     assert chain.head.response_id == "resp_1"
-    assert chain.on_event({"type": "response.completed", "response": {"id": "resp_x"}}, 10) is None
+    assert feed(chain, {"type": "response.completed", "response": {"id": "resp_x"}}, 10) is None
 
 
 def test_events_without_a_turn_are_ignored():
@@ -429,27 +490,27 @@ def test_events_without_a_turn_are_ignored():
                   {"type": "response.output_item.done", "item": assistant("a")},
                   {"type": "response.completed", "response": {"id": "r"}},
                   {"type": "error"}):
-        assert chain.on_event(event, 1) is None
+        assert feed(chain, event, 1) is None
     assert chain.head is None and chain.completed == 0 and chain.failed == 0
 
 
 # -- unknown history -------------------------------------------------------------------------------------
 def test_unknown_previous_response_id():
     chain = new_chain()
-    t = chain.begin_turn(request([user("q")], previous="resp_never_seen"), "")
+    t = begin(chain, request([user("q")], previous="resp_never_seen"), "")
     assert t.base_known is False and t.base is None and t.base_store is False
     assert t.full_input() is None
-    assert chain.needs_rewrite(t)
+    assert needs_rewrite(chain, t)
     with pytest.raises(RequestError, match="not known"):
         t.replay_request()
     # the upstream answers it (its own connection had it): the record is kept but not replayable
     result = respond(chain, "resp_1", [assistant("a")])
     assert result.ok and result.evicted_bytes == 0
     assert chain.head.response_id == "resp_1" and chain.head.complete is False and chain.head.history is None
-    t2 = chain.begin_turn(request([user("q2")], previous="resp_1"), "")
+    t2 = begin(chain, request([user("q2")], previous="resp_1"), "")
     assert t2.base_known is False and t2.full_input() is None
     # an incomplete head disables prefix detection: a full resend is taken whole
-    t3 = chain.begin_turn(request([user("q"), assistant("a"), user("q3")]), "")
+    t3 = begin(chain, request([user("q"), assistant("a"), user("q3")]), "")
     assert not t3.client_sent_full and t3.full_input() == [user("q"), assistant("a"), user("q3")]
 
 
@@ -484,11 +545,11 @@ def test_chain_reports_store_evictions_and_keeps_its_head():
     assert r2.evicted_records == 1 and store.evicted == 1
     assert store.get("resp_a", P) is None
     # flow a still continues from its own head
-    t = a.begin_turn(request([user("qa2")], previous="resp_a"), "")
+    t = begin(a, request([user("qa2")], previous="resp_a"), "")
     assert t.base_known and t.full_input() == [user("qa"), assistant("xa"), user("qa2")]
     # but another flow cannot resume resp_a any more
     c = Chain(store, principal=P)
-    assert c.begin_turn(request([user("qa2")], previous="resp_a"), "").full_input() is None
+    assert begin(c, request([user("qa2")], previous="resp_a"), "").full_input() is None
 
 
 def test_second_chain_sharing_the_store_resumes_by_response_id():
@@ -499,14 +560,14 @@ def test_second_chain_sharing_the_store_resumes_by_response_id():
     expected = [user("q1"), reasoning("1"), fcall("call_1"), fout("call_1"), assistant("done")]
 
     second = Chain(store, principal=P)  # the client reconnected: a new flow
-    assert second.head is None and second.cached_id is None
-    t = second.begin_turn(request([user("q3")], previous="resp_2"), "")
+    assert second.head is None and cached(second) is None
+    t = begin(second, request([user("q3")], previous="resp_2"), "")
     assert t.base_known and t.base is first.head.history
     assert t.full_input() == [*expected, user("q3")]
-    assert second.needs_rewrite(t)  # the new upstream connection does not hold resp_2
+    assert needs_rewrite(second, t)  # the new upstream connection does not hold resp_2
     assert t.replay_request()["input"] == [*expected, user("q3")]
     respond(second, "resp_3", [assistant("a3")])
-    assert second.cached_id == "resp_3"
+    assert cached(second) == "resp_3"
     assert second.head.history.parent is first.head.history
     # an older response of the first flow is resumable too
     t_old = Chain(store, principal=P).begin_turn(request([user("x")], previous="resp_1"), "")
@@ -518,12 +579,12 @@ def test_a_chain_resumes_only_for_the_principal_that_made_it():
     first = Chain(store, principal="alice")
     turn(first, request([user("secret")]), "resp_1", [assistant("noted")])
     other = Chain(store, principal="mallory")
-    t = other.begin_turn(request([user("what was it?")], previous="resp_1"), "")
+    t = begin(other, request([user("what was it?")], previous="resp_1"), "")
     assert not t.base_known and t.full_input() is None  # as if the id were unknown: nothing of alice's
     assert "resp_1" not in other.response_ids  # and not adopted (retired on alice's schedule, not mallory's)
     assert store.get("resp_1", "mallory") is None and store.get("resp_1") is None  # anonymous is a principal too
     again = Chain(store, principal="alice")
-    assert again.begin_turn(request([user("go on")], previous="resp_1"), "").full_input() == [
+    assert begin(again, request([user("go on")], previous="resp_1"), "").full_input() == [
         user("secret"), assistant("noted"), user("go on")]
 
 
@@ -532,9 +593,9 @@ def test_a_session_without_credentials_is_a_principal_of_its_own():
     store = ChainStore()
     first = Chain(store)
     turn(first, request([user("secret")]), "resp_1", [assistant("noted")])
-    assert first.begin_turn(request([user("more")], previous="resp_1"), "").base_known  # its own chain: as always
+    assert begin(first, request([user("more")], previous="resp_1"), "").base_known  # its own chain: as always
     for other in (Chain(store), Chain(store, principal="")):
-        assert other.begin_turn(request([user("what was it?")], previous="resp_1"), "").full_input() is None
+        assert begin(other, request([user("what was it?")], previous="resp_1"), "").full_input() is None
     assert store.get("resp_1") is None and store.get("resp_1", first.principal) is not None
 
 
@@ -564,14 +625,14 @@ def test_max_chain_bytes_evicts_the_history():
     assert r2.evicted_bytes > 3000
     rec = chain.store.get("resp_2", P)
     assert rec is chain.head and rec.complete is False and rec.history is None
-    t3 = chain.begin_turn(request([user("q3")], previous="resp_2"), "")
+    t3 = begin(chain, request([user("q3")], previous="resp_2"), "")
     assert t3.base_known is False and t3.full_input() is None
     with pytest.raises(RequestError):
         t3.replay_request()
     r3 = respond(chain, "resp_3", [assistant("a3")])
     assert r3.evicted_bytes == 0 and chain.head.complete is False  # stays unknown, nothing more to evict
     # resp_1 is still replayable
-    assert chain.begin_turn(request([user("b")], previous="resp_1"), "").full_input() == [
+    assert begin(chain, request([user("b")], previous="resp_1"), "").full_input() == [
         user("q1"), assistant("a1"), user("b")
     ]
 
@@ -580,18 +641,18 @@ def test_history_size_counts_the_request_and_the_outputs():
     chain = new_chain()
     body = request([user("q1")])
     raw = json.dumps(body)
-    chain.begin_turn(body, raw)
+    begin(chain, body, raw)
     done = {"type": "response.output_item.done", "item": assistant("a1")}
-    chain.on_event(done, 500)
-    chain.on_event({"type": "response.completed", "response": {"id": "resp_1"}}, 77)
+    feed(chain, done, 500)
+    feed(chain, {"type": "response.completed", "response": {"id": "resp_1"}}, 77)
     node = chain.head.history
     assert node.size == len(raw) + 500 and node.total_size == len(raw) + 500
     # a full resend: the known prefix is not counted again, only the new items (as JSON) and the outputs
     body2 = request([user("q1"), assistant("a1"), user("q2")])
-    t2 = chain.begin_turn(body2, json.dumps(body2))
+    t2 = begin(chain, body2, json.dumps(body2))
     assert t2.client_sent_full
-    chain.on_event({"type": "response.output_item.done", "item": assistant("a2")}, 300)
-    chain.on_event({"type": "response.completed", "response": {"id": "resp_2"}}, 77)
+    feed(chain, {"type": "response.output_item.done", "item": assistant("a2")}, 300)
+    feed(chain, {"type": "response.completed", "response": {"id": "resp_2"}}, 77)
     node2 = chain.head.history
     assert node2.parent is node
     assert node2.size == len(json.dumps([user("q2")])) + 300
@@ -623,7 +684,7 @@ def test_turns_share_history_nodes_instead_of_copying():
     chain = new_chain()
     turn(chain, request([user("q1")]), "resp_1", [assistant("a1")])
     n1 = chain.head.history
-    t2 = chain.begin_turn(request([user("q2")], previous="resp_1"), "")
+    t2 = begin(chain, request([user("q2")], previous="resp_1"), "")
     assert t2.base is n1  # the turn points at the history, it does not copy it
     respond(chain, "resp_2", [assistant("a2")])
     n2 = chain.head.history
@@ -655,7 +716,7 @@ def test_node_extend():
 
 def test_turn_numbers_count_up():
     chain = new_chain()
-    numbers = [chain.begin_turn(request([user(str(i))]), "").number for i in range(4)]
+    numbers = [begin(chain, request([user(str(i))]), "").number for i in range(4)]
     assert numbers == [1, 2, 3, 4]
 
 
@@ -679,7 +740,7 @@ def test_a_resumed_chain_is_adopted_and_not_freed():
     turn(old, request([user("b")], previous="resp_1"), "resp_2", [assistant("y")])
     store.retire(old.response_ids, deadline=10.0)
     new = Chain(store, principal=P)  # the client reconnected with its last id before the TTL ran out
-    t = new.begin_turn(request([user("c")], previous="resp_2"), "{}")
+    t = begin(new, request([user("c")], previous="resp_2"), "{}")
     assert t.base_known and new.response_ids == ["resp_2"]
     assert store.sweep(11.0) == 1  # resp_1 is freed; resp_2 was adopted
     assert store.get("resp_2", P) is not None and store.get("resp_1", P) is None

@@ -178,10 +178,12 @@ def test_refused_reconnect_fails_closed_with_error_event(fake, mitm):
     assert time.monotonic() - started < 5
     assert len(events) == 1
     err = events[0]
-    assert err["type"] == "error" and err["status"] == 502
+    # The upstream's own status and message (its body names no code: replayguard's stands in), and the close code
+    # that says "try again later".
+    assert err["type"] == "error" and err["status"] == 503
     assert err["error"]["type"] == "server_error" and err["error"]["code"] == "upstream_unavailable"
-    assert "HTTP 503" in err["error"]["message"]
-    assert code == 1011 and "503" in reason
+    assert "HTTP 503" in err["error"]["message"] and "The server is overloaded" in err["error"]["message"]
+    assert code == 1013 and "503" in reason
     assert len(creates(fake)) == 1  # nothing unsafe was written upstream
     proxy.wait_log(r"turn 2: .*failed closed")
 
@@ -225,11 +227,11 @@ def test_previous_response_not_found_is_recovered_before_client_sees_it(fake, mi
 
 def test_client_reconnecting_with_old_id_is_resumed_from_chain_state(fake, mitm):
     proxy = mitm(fake)
-    first = Client(proxy.url + "/v1/responses")
+    first = Client(proxy.url + "/v1/responses", headers=AUTH)
     r1, call = tool_turns(first)
     first.close()
     assert fake.wait_for(lambda: fake.open_connections() == 0)
-    second = Client(proxy.url + "/v1/responses")
+    second = Client(proxy.url + "/v1/responses", headers=AUTH)  # the same client (its key) on a new connection
     r2 = completed(second.turn({"model": "m", "store": False, "previous_response_id": r1["id"],
                                 "input": [output_for(call)]}))
     assert r2["output"][0]["content"][0]["text"] == "tool said: file.txt"

@@ -101,8 +101,9 @@ def test_refused_handshakes_fail_the_recovery_closed(fake, mitm, tmp_path):
     client.send({"type": "response.create", "model": "m", "store": False, "previous_response_id": r1["id"],
                  "input": [{"type": "function_call_output", "call_id": call["call_id"], "output": "x"}]})
     events, code, _ = client.until_closed()
-    assert code == 1011
-    assert events[-1]["error"]["code"] == "upstream_unavailable" and "HTTP 429" in events[-1]["error"]["message"]
+    assert code == 1013  # try again later: the (injected) upstream said 429
+    assert events[-1]["status"] == 429 and events[-1]["error"]["code"] == "upstream_unavailable"
+    assert "HTTP 429" in events[-1]["error"]["message"]
     assert len(fake.handshakes) == 1  # the refusal was injected: nothing reached the upstream
     hs = of(records(path, until="session.end"), "handshake")
     assert hs[-1]["ok"] is False and hs[-1]["status"] == 429 and hs[-1]["injected"] is True

@@ -207,10 +207,16 @@ def state_at_exit(proxy: Any) -> dict[str, int]:
     return {k: int(v) for k, v in (part.rsplit(" ", 1) for part in line.split(", "))}
 
 
-def test_intercept_held_past_30s_then_resumed_gets_its_session(fake, tmp_path):
-    """mitmweb's intercept, held longer than any timer replayguard has, then resumed: the session opens on resume
-    (with what the user saw and could edit), survives a drop, and leaves nothing behind; a killed one neither."""
-    rules = {**BASE_RULES, "limits": {"resume_ttl": 0}, "faults": DROP_AFTER_2}
+HELD = 5.0  # seconds the user holds the intercepted flow: past every timer of the rules below
+
+
+def test_intercept_held_past_every_timer_then_resumed_gets_its_session(fake, tmp_path):
+    """mitmweb's intercept, held longer than any timer replayguard has (all of them 3 s or less here), then resumed:
+    the session opens on resume (with what the user saw and could edit), survives a drop, and leaves nothing
+    behind; a killed one neither."""
+    upstream = {**BASE_RULES["upstream"], "ping_idle": 3, "connect_timeout": 3}
+    rules = {**BASE_RULES, "upstream": upstream, "client": {"keepalive_interval": 1, "pong_timeout": 3},
+             "limits": {"resume_ttl": 0}, "faults": DROP_AFTER_2}
     web = Mitmweb(tmp_path / "web", ["--mode", f"reverse:http://127.0.0.1:{fake.port}",
                                      "--set", "intercept=~q & ~u /v1/responses",
                                      "--set", f"replayguard_trace={tmp_path / 'trace.jsonl'}"], rules).start()
@@ -220,7 +226,7 @@ def test_intercept_held_past_30s_then_resumed_gets_its_session(fake, tmp_path):
                                 stderr=subprocess.STDOUT, text=True, env=client_env())
         flow = web.wait_flow(lambda f: f.get("intercepted"))
         assert flow["request"]["path"] == "/v1/responses" and fake.handshakes == []  # nothing dialed while held
-        time.sleep(31)
+        time.sleep(HELD)
         web.resume(flow["id"])
         out, _ = held.communicate(timeout=60)
         assert held.returncode == 0 and out.count(" completed in ") == 4, f"{out}\n{web.log}"

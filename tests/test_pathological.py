@@ -11,8 +11,8 @@ from conftest import Client, completed, user
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replayguard.core import events as ev
-from replayguard.core.chain import Chain, ChainStore, RequestError
+from protocol_sim import Sim
+
 from replayguard.core.messages import is_delta, parse
 from replayguard.core.pairing import find_orphans
 from replayguard.core.records import Bodies, record_of, summarize_items, turn_start_fields
@@ -33,26 +33,32 @@ items = st.lists(st.one_of(values, st.fixed_dictionaries({"type": values, "call_
 
 
 @settings(max_examples=300, deadline=None)
-@given(request_input=st.one_of(values, items), previous=values, events=st.lists(values, max_size=6))
-def test_the_core_takes_any_json(request_input, previous, events):
-    chain = Chain(ChainStore())
+@given(request_input=st.one_of(values, items), previous=values, events=st.lists(values, max_size=6),
+       lane=st.one_of(st.none(), values))
+def test_the_core_takes_any_json(request_input, previous, events, lane):
+    """The protocol core fed any JSON from the client and the upstream: no exception, every record renders."""
+    sim = Sim().start()
     request: dict[str, Any] = {"type": "response.create", "input": request_input, "store": False}
     if previous is not None:
         request["previous_response_id"] = previous
+    if lane is not None:
+        request["stream_id"] = lane
     raw = json.dumps(request)
-    try:
-        turn = chain.begin_turn(request, raw)
-    except RequestError:
-        turn = None
-    if turn is not None:
+    sim.send(raw)
+    for event in events:  # anything at all from the client too
+        sim.send(json.dumps(event))
+        sim.send(json.dumps({"type": event, "input": event}))
+    up = sim.current()
+    assert up is not None
+    for event in events:
+        sim.feed(sim.protocol.upstream_message(up.id, json.dumps(event)))
+    sim.feed(sim.protocol.upstream_message(up.id, json.dumps({"type": "response.created", "response": events[-1:]})))
+    for record in sim.records:
+        record_of(record, Bodies.FULL)
+        record_of(record, Bodies.SUMMARY)
+    for turn in sim.protocol.turns_in_flight():
         turn.full_input()
         find_orphans(turn.new_items)
-        record_of(ev.TurnStarted(turn, 1, len(raw)), Bodies.FULL)
-    for event in events:
-        if isinstance(event, dict):
-            result = chain.on_event(event, 10)
-            if result is not None:
-                record_of(ev.TurnEnded(result.turn, 1, event, None, 1.0), Bodies.SUMMARY)
     summarize_items(request_input, Bodies.SUMMARY)
     turn_start_fields(request, len(raw), Bodies.SUMMARY)
     earlier = [(True, raw.encode())] + [(False, json.dumps(e).encode()) for e in events]

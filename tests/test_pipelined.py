@@ -1,5 +1,5 @@
-"""A second response.create sent while one is in flight: it waits for the first (the upstream runs one response
-at a time per connection), nothing is dropped or reordered, and the chain state stays right."""
+"""A second response.create sent while one is in flight on its lane: it waits for the first (the upstream runs one
+response at a time per lane), nothing is dropped or sent twice, and the chain state stays right."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ def test_two_pipelined_creates_complete_in_order_and_the_state_follows(fake, mit
     b = {"type": "response.create", "model": "m", "store": False, "input": [user("second")]}
     client.send(a)
     client.send(b)
-    client.send({"type": "response.processed"})  # a later non-create message keeps its place too
+    # A later message that is not a create goes upstream at once (a steer must reach the response in flight): only
+    # creates wait for their lane.
+    client.send({"type": "response.processed"})
     first, second = read_turns(client, 2)
     ra, rb = completed(first), completed(second)
     assert ra["output"][0]["content"][0]["text"] == "reply to: first"
@@ -39,7 +41,7 @@ def test_two_pipelined_creates_complete_in_order_and_the_state_follows(fake, mit
     # Every event of A came before every event of B, each tagged with its own response id.
     assert {e["response"]["id"] for e in first if "response" in e} == {ra["id"]}
     assert {e["response"]["id"] for e in second if "response" in e} == {rb["id"]}
-    assert [m for _, m in fake.received] == [a, b, {"type": "response.processed"}]
+    assert [m for _, m in fake.received] == [a, {"type": "response.processed"}, b]
     fake.response_delay = 0
     # The chain state attributed B's output to B: a continuation of B survives an upstream close.
     fake.close_all()

@@ -33,14 +33,14 @@ def model_output(kind: str, ids: Any, reasoning: bool) -> list[dict[str, Any]]:
 
 
 def run_turn(chain: Chain, request: dict[str, Any], output: list[dict[str, Any]], rid: str, ok: bool) -> None:
-    chain.begin_turn(request, "{}")
-    chain.on_event({"type": "response.created", "response": {"id": rid}}, 10)
+    turn = chain.begin_turn(request, "{}")
+    chain.on_event(turn, {"type": "response.created", "response": {"id": rid}}, 10)
     for item in output:
-        chain.on_event({"type": "response.output_item.done", "item": item}, 10)
+        chain.on_event(turn, {"type": "response.output_item.done", "item": item}, 10)
     if ok:
-        chain.on_event({"type": "response.completed", "response": {"id": rid, "output": output}}, 10)
+        chain.on_event(turn, {"type": "response.completed", "response": {"id": rid, "output": output}}, 10)
     else:
-        chain.on_event({"type": "response.failed", "response": {"id": rid}}, 10)
+        chain.on_event(turn, {"type": "response.failed", "response": {"id": rid}}, 10)
 
 
 @settings(max_examples=300, deadline=None)

@@ -17,6 +17,7 @@ from replayguard.core.recovery import (
     Situation,
     Trigger,
     decide,
+    Refusal,
     handshake_failed,
 )
 
@@ -291,17 +292,36 @@ def test_long_reason_close_reason_is_truncated():
     ],
     ids=["503", "401", "429-rotation", "refused", "timeout"],
 )
-def test_handshake_failed(trigger, status, detail, expected):
-    d = handshake_failed(trigger, status, detail)
+def test_handshake_failed_without_an_upstream_error(trigger, status, detail, expected):
+    """No error of the upstream's to pass on (no body, or not JSON): the upstream's status when it gave one (a 502
+    when it could not be reached), replayguard's code."""
+    d = handshake_failed(trigger, Refusal(detail, status))
     assert d.action is Action.FAIL and d.fails
     assert_error_shape(d.error)
-    assert d.error["status"] == 502
-    assert d.error["error"]["type"] == "server_error"
+    assert d.error["status"] == (status or 502)
+    assert d.error["error"]["type"] == ("server_error" if (status or 502) >= 500 else "invalid_request_error")
     assert d.error["error"]["code"] == "upstream_unavailable"
     assert d.error["error"]["param"] is None
     msg = d.error["error"]["message"]
     assert f"reconnect handshake failed: {expected}" in msg and msg.startswith(errors.PREFIX + trigger.value)
-    assert d.close_code == 1011 and len(d.close_reason.encode()) <= 123
+    assert d.close_code == (1013 if status in (429, 503) else 1011) and len(d.close_reason.encode()) <= 123
+
+
+def test_handshake_refused_with_the_upstreams_error_passes_it_on():
+    body = json.dumps({"error": {"type": "requests", "code": "rate_limit_exceeded", "param": None,
+                                 "message": "Rate limit reached. Please try again in 7s."}}).encode()
+    refusal = Refusal("upstream answered HTTP 429", 429, body, "application/json; charset=utf-8",
+                      (("Retry-After", "7"), ("x-ratelimit-remaining-requests", "0"), ("Set-Cookie", "secret=1"),
+                       ("x-request-id", "req_1")))
+    d = handshake_failed(Trigger.DROPPED, refusal)
+    error = d.error["error"]
+    assert d.error["status"] == 429 and error["type"] == "requests" and error["code"] == "rate_limit_exceeded"
+    assert error["message"].endswith("HTTP 429: Rate limit reached. Please try again in 7s.")
+    assert error["headers"] == {"retry-after": "7", "x-ratelimit-remaining-requests": "0", "x-request-id": "req_1"}
+    assert d.close_code == 1013
+    not_json = handshake_failed(Trigger.DROPPED, Refusal("x", 429, b"<html>", "text/html", (("Retry-After", "3"),)))
+    assert not_json.error["error"]["code"] == "upstream_unavailable" and not_json.error["error"]["headers"] == {
+        "retry-after": "3"}
 
 
 def test_decision_fails_property():

@@ -283,7 +283,7 @@ EVERY_FAILURE = [
     ("same", "replayed (upstream closed)"), ("same", "replayed (no event within first event timeout)"),
     ("same", "replayed (upstream connection limit reached)"),
     ("same", "failed closed: upstream_stream_interrupted, close 1011"),
-    ("same", "failed closed: upstream_unavailable, close 1011"), ("same", "handshake refused: HTTP 429"),
+    ("same", "failed closed: upstream_unavailable, close 1013"), ("same", "handshake refused: HTTP 429"),
     ("same", "client error: server_error"),
     ("same", "resumed (previous_response_id is not on this upstream connection)"),
 ]

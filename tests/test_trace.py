@@ -232,7 +232,7 @@ def test_key_in_the_url_never_reaches_trace_or_log(fake, mitm, tmp_path):
     client.send({"type": "response.create", "model": "m", "store": False, "previous_response_id": r1["id"],
                  "input": [user("again")]})
     events, code, _ = client.until_closed()
-    assert code == 1011 and "HTTP 503" in events[-1]["error"]["message"]
+    assert code == 1013 and "HTTP 503" in events[-1]["error"]["message"]
     assert fake.handshakes[0]["path"].endswith("api-key=qk_SECRET_4242")  # the upstream still gets it
     recs = records(path, until="session.end")
     assert of(recs, "session.start")[0]["url"].endswith("/v1/responses?api-version=1&api-key=[redacted]")

@@ -4,7 +4,8 @@ A chain is a sequence of responses linked by ``previous_response_id``. For each 
 state keeps the full input context the upstream would hold after it: the request's full input followed by
 the response's output items. History is stored as a linked list of immutable nodes (one per turn) shared
 between a chain and every response id that points into it, so a turn costs only its own items and the full
-input list is materialized only when a replay is actually sent.
+input list is materialized only when a replay is actually sent. The nodes form a tree: a fork (a create on
+another lane continuing an older response) shares the history before it.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import itertools
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable
 
 Item = dict[str, Any]
 
 TERMINAL_OK = "response.completed"
-TERMINAL_FAILED = frozenset({"response.failed", "response.incomplete", "error"})
-TERMINAL = TERMINAL_FAILED | {TERMINAL_OK}  # the events that end a turn
+# Why an incomplete response still joins the chain: the upstream keeps it (with the output it got to), and a client
+# may continue it (after max_output_tokens, or after steering, where the successor continues it).
+KEPT = frozenset({TERMINAL_OK, "response.incomplete"})
+TERMINAL_FAILED = frozenset({"response.failed", "error"})
+TERMINAL = KEPT | TERMINAL_FAILED  # the events that end a turn
 
 
 _anonymous = itertools.count(1)
@@ -151,20 +155,25 @@ class ChainStore:
         self._deadlines.clear()
 
 
-@dataclass(slots=True)
+Lane = str | None  # a create's stream_id: requests on one lane run in order, lanes run side by side
+
+
+@dataclass(slots=True, eq=False)
 class Turn:
-    """One response.create and what came back for it."""
+    """One response.create (or an automatic successor the upstream started after steering) and what came back."""
 
     number: int
     request: dict[str, Any]
-    raw: str
+    raw: str  # the client's message as it came ("" for an automatic successor: the client sent none)
     previous_id: str | None
     store: bool
     generate: bool
-    new_items: list[Item]
+    new_items: list[Item]  # what this turn adds to its base: queued steering input first, then the create's input
     base: Node | None  # history the new items continue
     base_known: bool  # False when previous_response_id names a response this state never saw (or evicted)
     base_store: bool  # the previous response is stored server-side
+    lane: Lane = None
+    automatic: bool = False  # the upstream started it (a steered response's successor), not a client create
     client_sent_full: bool = False  # the client resent the whole history itself (no previous_response_id)
     response_id: str | None = None
     outputs: list[Item] = field(default_factory=list)
@@ -189,17 +198,33 @@ class Turn:
         body["input"] = full
         return body
 
+    def resend_request(self) -> dict[str, Any]:
+        """The request as the upstream saw it, for a connection that holds (or stores) its previous response: the
+        client's own create, or for an automatic successor the create that stands for it."""
+        if not self.automatic:
+            return self.request
+        body = dict(self.request, input=self.new_items)
+        if self.previous_id is not None:
+            body["previous_response_id"] = self.previous_id
+        return body
+
 
 @dataclass(frozen=True, slots=True)
 class TurnResult:
     turn: Turn
-    ok: bool
+    ok: bool  # the response joined the chain (completed, or incomplete with its output so far)
     evicted_bytes: int = 0  # history dropped because the chain outgrew max_chain_bytes
     evicted_records: int = 0  # response records dropped from the cross-flow store
 
 
+def resolves(turn: Turn, cached: Collection[str]) -> bool:
+    """True when a connection holding ``cached`` (the last response of each of its lanes) serves the turn's
+    previous_response_id as the client sent it."""
+    return turn.previous_id is None or turn.base_store or turn.previous_id in cached
+
+
 class Chain:
-    """Replay state of one client session (one WebSocket flow)."""
+    """Replay state of one client session (one WebSocket flow): every turn's input and output, per lane."""
 
     def __init__(self, store: ChainStore, max_chain_bytes: int = 256 * 2**20, principal: str = "") -> None:
         self.store = store
@@ -207,17 +232,21 @@ class Chain:
         # Whose credentials this session carries (a fingerprint). A session with none is a principal of its own: it
         # never resumes another flow's chain and is never resumed by one (nothing says the two are the same client).
         self.principal = principal or f"anonymous:{next(_anonymous)}"
-        self.head: ResponseRecord | None = None  # last completed response of this session
-        self.cached_id: str | None = None  # response held in the current upstream connection's cache
-        self.turn: Turn | None = None  # the turn in flight
+        self.heads: dict[Lane, ResponseRecord] = {}  # the last response of each lane of this session
         self._numbers = itertools.count(1)
         self.completed = 0
         self.failed = 0
         self.response_ids: list[str] = []  # records this session made or resumed (retired when it ends)
 
+    @property
+    def head(self) -> ResponseRecord | None:
+        """The last response of the default lane (no stream_id)."""
+        return self.heads.get(None)
+
     # -- requests ---------------------------------------------------------------------------------
-    def begin_turn(self, request: dict[str, Any], raw: str) -> Turn:
-        """Record a response.create the client sent. Raises RequestError for input it cannot read."""
+    def begin_turn(self, request: dict[str, Any], raw: str, lane: Lane = None, prepend: list[Item] | None = None) -> Turn:
+        """Record a response.create the client sent. Raises RequestError for input it cannot read. ``prepend``:
+        steering input the upstream holds for this continuation and puts before the create's own input."""
         new_items = normalize_input(request.get("input"))
         previous_id = request.get("previous_response_id") or None
         if previous_id is not None and not isinstance(previous_id, str):
@@ -228,55 +257,67 @@ class Chain:
         known = True
         base_store = False
         sent_full = False
+        head = self.heads.get(lane)
         if previous_id is not None:
-            record = self._lookup(previous_id)
+            record = self.lookup(previous_id)
             known = record is not None and record.complete
             base = record.history if record is not None else None
             base_store = record.store if record is not None else False
-        elif self.head is not None and self.head.complete and self.head.history is not None:
-            history = self.head.history
+        elif head is not None and head.complete and head.history is not None:
+            history = head.history
             if len(new_items) >= history.length and new_items[: history.length] == history.materialize():
                 base, new_items, sent_full = history, new_items[history.length :], True
-        turn = Turn(
+        return Turn(
             number=next(self._numbers),
             request=request,
             raw=raw,
             previous_id=previous_id,
             store=store,
             generate=generate,
-            new_items=new_items,
+            new_items=[*(prepend or ()), *new_items],
             base=base,
             base_known=known,
             base_store=base_store,
+            lane=lane,
             client_sent_full=sent_full,
         )
-        self.turn = turn
-        return turn
 
-    def _lookup(self, response_id: str) -> ResponseRecord | None:
-        if self.head is not None and self.head.response_id == response_id:
-            return self.head
+    def begin_successor(self, parent: Turn, steered: list[Item]) -> Turn:
+        """The response the upstream starts by itself after steering: it continues ``parent`` with the steered
+        input and inherits its settings."""
+        record = self.lookup(parent.response_id) if parent.response_id is not None else None
+        settings = {k: v for k, v in parent.request.items() if k not in ("input", "previous_response_id")}
+        return Turn(
+            number=next(self._numbers),
+            request=settings,
+            raw="",
+            previous_id=parent.response_id,
+            store=parent.store,
+            generate=True,
+            new_items=list(steered),
+            base=record.history if record is not None else None,
+            base_known=record is not None and record.complete,
+            base_store=record.store if record is not None else False,
+            lane=parent.lane,
+            automatic=True,
+        )
+
+    def lookup(self, response_id: str) -> ResponseRecord | None:
+        """A response of this session, or one its principal made in another flow (adopted: retired with ours)."""
+        for head in self.heads.values():
+            if head.response_id == response_id:
+                return head
         record = self.store.get(response_id, self.principal)
         if record is not None and response_id not in self.response_ids:
             self.response_ids.append(response_id)  # resumed from another session: ours to retire now
         return record
 
-    def needs_rewrite(self, turn: Turn) -> bool:
-        """True when the current upstream connection cannot resolve the turn's previous_response_id."""
-        if turn.previous_id is None or turn.base_store:
-            return False
-        return turn.previous_id != self.cached_id
-
-    def connection_reset(self) -> None:
-        """A new upstream connection: its cache is empty."""
-        self.cached_id = None
-
     # -- events -----------------------------------------------------------------------------------
-    def on_event(self, event: dict[str, Any], size: int) -> TurnResult | None:
-        """Feed one upstream event; returns a result when it ends the turn in flight."""
-        turn = self.turn
+    def on_event(self, turn: Turn, event: dict[str, Any], size: int) -> TurnResult | None:
+        """Feed one upstream event of ``turn``; returns a result when it ends the turn (an ``error`` that answers
+        the turn's create ends it too: the caller decides which error answers which message)."""
         kind = event.get("type")
-        if turn is None or not isinstance(kind, str):
+        if not isinstance(kind, str):
             return None
         if kind == "response.output_item.done":
             item = event.get("item")
@@ -284,12 +325,12 @@ class Chain:
                 turn.outputs.append(item)
                 turn.output_size += size
             return None
-        if kind == "response.created":
+        if kind in ("response.created", "response.queued"):
             response = event.get("response")
             if isinstance(response, dict) and isinstance(response.get("id"), str):
                 turn.response_id = response["id"]
             return None
-        if kind == TERMINAL_OK:
+        if kind in KEPT:
             response = event.get("response")
             if isinstance(response, dict):
                 if isinstance(response.get("id"), str):
@@ -297,37 +338,30 @@ class Chain:
                 if not turn.outputs and isinstance(response.get("output"), list):
                     turn.outputs = [i for i in response["output"] if isinstance(i, dict)]
                     turn.output_size = size
+            turn.status = "completed" if kind == TERMINAL_OK else kind
             return self._finish(turn, ok=turn.response_id is not None)
         if kind in TERMINAL_FAILED:
             turn.status = kind
             return self._finish(turn, ok=False)
         return None
 
-    def abort_turn(self) -> Turn | None:
-        """The turn ends without a response (failed closed or the client left)."""
-        turn = self.turn
-        if turn is not None:
+    def abort(self, turn: Turn) -> None:
+        """The turn ends without a response (failed closed, or the client left)."""
+        if turn.status == "in_progress":
             turn.status = "aborted"
-            self.turn = None
             self.failed += 1
-            self.cached_id = None
-        return turn
 
     def _finish(self, turn: Turn, ok: bool) -> TurnResult:
-        self.turn = None
         if not ok:
-            # The upstream evicts the referenced response after any error: the next continuation
-            # cannot rely on the connection's cache.
             self.failed += 1
-            self.cached_id = None
             return TurnResult(turn, ok=False)
-        turn.status = "completed"
-        self.completed += 1
+        if turn.status == "completed":
+            self.completed += 1
         assert turn.response_id is not None
         evicted_bytes = 0
         if turn.base_known:
             # A client that resent its whole history sent the known prefix again: count only its new items.
-            input_size = len(json.dumps(turn.new_items)) if turn.client_sent_full else len(turn.raw)
+            input_size = len(json.dumps(turn.new_items)) if turn.client_sent_full or not turn.raw else len(turn.raw)
             size = input_size + turn.output_size
             history = Node.extend(turn.base, turn.new_items + turn.outputs, size)
             if history is not None and history.total_size > self.max_chain_bytes:
@@ -337,8 +371,7 @@ class Chain:
             history = None
         record = ResponseRecord(turn.response_id, history, turn.store, complete=history is not None,
                                 principal=self.principal)
-        self.head = record
-        self.cached_id = turn.response_id
+        self.heads[turn.lane] = record
         self.response_ids.append(turn.response_id)
         dropped = self.store.put(record)
         return TurnResult(turn, ok=True, evicted_bytes=evicted_bytes, evicted_records=dropped)

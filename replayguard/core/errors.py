@@ -10,7 +10,8 @@ any other 400, a 429 or code server_is_overloaded ends its run.
 | replay would orphan a tool output          | 400    | invalid_request_error | previous_response_not_found   | 1011  |
 | previous_response_id unknown to replayguard| 400    | invalid_request_error | previous_response_not_found   | 1011  |
 | upstream died after output reached client  | 502    | server_error          | upstream_stream_interrupted   | 1011  |
-| reconnect handshake refused or failed      | 502    | server_error          | upstream_unavailable          | 1011  |
+| reconnect handshake refused (the upstream's own status, type, code, message and Retry-After, e.g. 429     |
+|   rate_limit_exceeded; 502 upstream_unavailable when it gave none)          |                               | 1013 for 429 and 503, else 1011 |
 | recovery retries for the turn exhausted    | 502    | server_error          | upstream_retries_exhausted    | 1011  |
 | strict policy, tool output involved        | (none: close only, as the peer gateway) |                     | 1008  |
 | an internal error of replayguard's         | 500    | server_error          | replayguard_internal_error    | 1011  |
@@ -28,6 +29,7 @@ PREFIX = "replayguard: "
 CLOSE_INTERNAL = 1011
 CLOSE_GOING_AWAY = 1001
 CLOSE_SERVICE_RESTART = 1012  # the addon was reloaded: reconnect
+CLOSE_TRY_AGAIN_LATER = 1013  # the upstream refused a reconnect with 429 or 503: wait as it says
 CLOSE_POLICY = 1008
 STRICT_CLOSE_REASON = "upstream continuation connection is unavailable; please restart the conversation"
 

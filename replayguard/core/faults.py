@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -55,10 +55,6 @@ class FaultRule:
     match: Any = None  # a rules.MatchRule scoping the fault to some flows, or None for all
     line: int | None = None  # where in rules.yaml, for logs and traces
     origin: str | None = None  # what else made it, when not rules.yaml (e.g. "command")
-    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.rng.seed(self.seed)
 
     @property
     def limit(self) -> int | None:
@@ -93,6 +89,9 @@ class FaultInjector:
 
     def __init__(self, rules: list[FaultRule]) -> None:
         self.rules = rules
+        # A generator per session and rule, seeded by the rule: which turns a probability rule hits is the same in
+        # every session, whatever other sessions do meanwhile (a shared one would depend on timing).
+        self.rngs = [random.Random(rule.seed) for rule in rules]
         self.fired: dict[int, int] = {}  # rule index -> times fired in this session
         self.refusals: list[int] = []  # statuses of handshakes still to refuse
         self.error: InjectedError | None = None  # answers the next response.create
@@ -108,7 +107,7 @@ class FaultInjector:
             if rule.probability is not None:
                 if completed < (rule.after_turn if rule.after_turn is not None else 1):
                     continue
-                if rule.rng.random() >= rule.probability:
+                if self.rngs[index].random() >= rule.probability:
                     continue
             elif rule.after_turn != completed:
                 continue

@@ -16,6 +16,23 @@ def is_delta(message: str) -> bool:
     return m is not None and m.group(1).endswith(".delta")
 
 
+# A lane's stream_id as a key of the event object (a quote inside a JSON string is escaped, so this cannot match
+# text a delta carries).
+_STREAM_ID = re.compile(r'(?<!\\)"stream_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def lane_of(message: str) -> str | None:
+    """The stream_id of an event that was not decoded (a delta), or None."""
+    m = _STREAM_ID.search(message)
+    if m is None:
+        return None
+    try:
+        value = json.loads(f'"{m.group(1)}"')
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
+
+
 def parse(text: str | bytes) -> Any:
     """A message's JSON, or None when it is not JSON replayguard can read: invalid, or nested deeper than the parser
     goes. Such a message is opaque: passed through unchanged, never an error of ours."""

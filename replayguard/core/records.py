@@ -196,8 +196,9 @@ def turns_in_flow(messages: Iterable[Any]) -> list[FlowTurn]:
         elif kind == "response.output_item.done" and isinstance(obj.get("item"), dict):
             turn.items.append(obj["item"])
         elif isinstance(kind, str) and kind in TERMINAL:
-            response = obj.get("response") if isinstance(obj.get("response"), dict) else {}
-            turn.response_id = response.get("id") or turn.response_id
+            response = obj.get("response")
+            if isinstance(response, dict):
+                turn.response_id = response.get("id") or turn.response_id
             turn.terminal, turn.ended, turn.end_index = obj, message.timestamp, index
             turn = None
     return turns

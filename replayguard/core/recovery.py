@@ -7,6 +7,7 @@ only gathers a :class:`Situation` and carries out the :class:`Decision`.
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,8 +123,52 @@ def reloading() -> Decision:
     return _fail(reason, errors.reloaded(reason), errors.CLOSE_SERVICE_RESTART)
 
 
-def handshake_failed(trigger: Trigger, status: int | None, detail: str) -> Decision:
-    """The fresh connection a recovery needed could not be opened."""
-    what = f"HTTP {status}" if status else detail
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An upstream handshake that did not open: the upstream's HTTP answer, or why it could not be reached."""
+
+    detail: str
+    status: int | None = None
+    body: bytes = b""
+    content_type: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    code: str = "upstream_unavailable"  # the code a client gets when the upstream's answer names none
+    injected: bool = False  # refused on purpose by a fault rule
+
+    def upstream_error(self) -> dict[str, Any] | None:
+        """The upstream's own error object from a JSON body ({"error": {type, code, message, param}}), if any."""
+        if not self.body or "json" not in self.content_type.lower():
+            return None
+        try:
+            doc = json.loads(self.body)
+        except ValueError:
+            return None
+        error = doc.get("error") if isinstance(doc, dict) else None
+        return error if isinstance(error, dict) else None
+
+
+# Response headers a refused handshake passes on in the error event (error.headers, as the upstream's own events
+# carry them): when to retry, and what to quote to the provider.
+PASSED_HEADERS = ("retry-after", "retry-after-ms", "x-request-id")
+
+
+def handshake_failed(trigger: Trigger, refusal: Refusal) -> Decision:
+    """The fresh connection a recovery needed could not be opened: the client gets the upstream's own status, error
+    type, code and message (and its Retry-After), so that it waits as long as the upstream asked; a refusal without
+    an error of the upstream's is a 502 upstream_unavailable."""
+    what = f"HTTP {refusal.status}" if refusal.status else refusal.detail
     reason = f"{trigger.value}; reconnect handshake failed: {what}"
-    return _fail(reason, errors.server_error("upstream_unavailable", reason))
+    status = refusal.status if refusal.status and refusal.status >= 400 else 502
+    upstream = refusal.upstream_error() or {}
+    message = upstream.get("message")
+    type_ = upstream.get("type") if isinstance(upstream.get("type"), str) else None
+    code = upstream.get("code") if isinstance(upstream.get("code"), str) and upstream.get("code") else refusal.code
+    param = upstream.get("param") if isinstance(upstream.get("param"), str) else None
+    event = errors.error_event(status, type_ or ("server_error" if status >= 500 else "invalid_request_error"), code,
+                               f"{reason}: {message}" if isinstance(message, str) and message else reason, param)
+    headers = {k.lower(): v for k, v in refusal.headers
+               if k.lower() in PASSED_HEADERS or k.lower().startswith("x-ratelimit-")}
+    if headers:
+        event["error"]["headers"] = headers
+    close = errors.CLOSE_TRY_AGAIN_LATER if status in (429, 503) else errors.CLOSE_INTERNAL
+    return _fail(reason, event, close)

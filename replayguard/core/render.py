@@ -173,7 +173,8 @@ def _light(item: Any, budget: int = 4 * PREVIEW_CHARS) -> Any:
         if isinstance(value, str):
             light[key] = value[:budget]
         elif isinstance(value, list):
-            parts, seen = [], 0
+            parts: list[Any] = []
+            seen = 0
             for part in value:
                 if seen > budget or len(parts) >= 64:
                     break
@@ -558,8 +559,8 @@ def _sentence(event: str, r: Mapping[str, Any]) -> tuple[str, str] | None:
         tail = f" ({', '.join(facts)})" if facts else ""
         return "highlight", f"turn {_flat(turn, 12)} {verb}{where} after {_flat(r.get('trigger'))}{tail}"
     if event == "fail_close":
-        error = r.get("error")
-        code = error_fields(error).get("code") if isinstance(error, Mapping) else None
+        sent = r.get("error")
+        code = error_fields(sent).get("code") if isinstance(sent, Mapping) else None
         return "error", (f"failed closed ({_flat(code, 60) if code is not None else 'no error event'}, "
                          f"close {_flat(r.get('close_code'), 12)}): {_flat(r.get('reason'))}")
     if event == "fault":

@@ -195,7 +195,7 @@ class ReplayGuard:
         if live is None:
             return
         limit = live.session.rules.limits.flow_messages
-        if limit and len(flow.websocket.messages) > limit + limit // 10:  # trimmed in batches: O(1) a message
+        if limit and flow.websocket is not None and len(flow.websocket.messages) > limit + limit // 10:  # trimmed in batches: O(1) a message
             live.view.trim(limit)
 
     async def websocket_end(self, flow: http.HTTPFlow) -> None:

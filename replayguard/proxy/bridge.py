@@ -80,7 +80,7 @@ class Bridge:
 
     def expect(self, address: tuple[str, int], session: Session) -> None:
         """mitmproxy is connecting from ``address`` for ``session`` (its request follows)."""
-        self.expected[tuple(address[:2])] = session  # type: ignore[assignment]
+        self.expected[(address[0], address[1])] = session
 
     def discard(self, session: Session) -> None:
         """The session's flow will never reach (or stay on) the bridge: forget it and close it."""

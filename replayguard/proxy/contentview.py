@@ -113,14 +113,15 @@ else:
         def render_priority(self, data: bytes, **metadata: Any) -> float:
             return PRIORITY if _wanted(data, metadata.get("websocket_message")) else -1
 
+    # mitmproxy 11's API, type-checked against 12's stubs when mypy runs on the mitmproxy 12 line.
     def _add(view: Any) -> None:
         # 11 raises on a duplicate name: drop what an earlier load (or a crashed one) left behind.
         while (old := contentviews.get(NAME)) is not None:
-            contentviews.remove(old)
+            contentviews.remove(old)  # type: ignore[arg-type]
         contentviews.add(view)
 
     def _remove(view: Any) -> None:
-        if view in contentviews.views:
+        if view in contentviews.views:  # type: ignore[attr-defined]
             contentviews.remove(view)
 
 

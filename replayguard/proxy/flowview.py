@@ -162,7 +162,7 @@ class FlowView:
         hs, opened = self._server
         d = self.destination
         server = Server(address=d.address)
-        server.via = d.via
+        server.via = d.via  # type: ignore[assignment]  # the same (scheme, address) mitmproxy's mode gave it
         server.peername = hs.peer
         server.sockname = hs.local
         server.sni = d.server_name

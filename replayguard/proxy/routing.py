@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any, MutableMapping, Protocol
+from typing import Any, Protocol
 
 from mitmproxy import ctx, hooks, http
 from mitmproxy.connection import Server
@@ -32,8 +32,8 @@ from .session import Session
 class Guard(Protocol):
     """What the router needs of the addon: which flows matched, and making and opening their sessions."""
 
-    matched: MutableMapping[str, Match]
-    flows: MutableMapping[str, Live]
+    matched: dict[str, Match]
+    flows: dict[str, Live]
     bridge: Bridge
 
     def new_session(self, flow: http.HTTPFlow, match: Match, destination: Destination) -> Session: ...

@@ -112,13 +112,14 @@ class HandshakeFailed(Exception):
     """The upstream refused the WebSocket upgrade, or could not be reached."""
 
     def __init__(self, detail: str, status: int | None = None, body: bytes = b"", content_type: str = "",
-                 code: str = "upstream_handshake_failed") -> None:
+                 code: str = "upstream_handshake_failed", headers: list[tuple[str, str]] | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
         self.status = status
         self.body = body
         self.content_type = content_type
         self.code = code  # the error code a client gets when this refuses its handshake
+        self.headers = headers or []  # the upstream's response headers (Retry-After, ...)
 
 
 OVERLOADED = "replayguard_out_of_descriptors"
@@ -171,7 +172,7 @@ class Upstream:
     async def ping(self, timeout: float) -> bool:
         """True when a pong arrives within ``timeout`` seconds (of time our own loop was free to read it)."""
         try:
-            waiter = await self.ws.ping()
+            waiter: asyncio.Future[float] = asyncio.ensure_future(await self.ws.ping())
             if not await CLOCK.wait(waiter, timeout):
                 waiter.cancel()
                 return False
@@ -238,7 +239,7 @@ def forwardable(headers: Iterable[tuple[str, str]], drop: Iterable[str] = ()) ->
     return [(k, v) for k, v in headers if k.lower() not in skip]
 
 
-async def open_upstream(target: Target) -> Upstream:
+async def open_upstream(target: Target, conn_id: int | None = None) -> Upstream:
     """Open a connection to ``target``; raise HandshakeFailed with the upstream's status when refused."""
     d = target.destination
     kwargs: dict[str, Any] = {}
@@ -277,6 +278,7 @@ async def open_upstream(target: Target) -> Upstream:
             response.status_code,
             bytes(response.body or b""),
             response.headers.get("Content-Type", ""),
+            headers=list(response.headers.raw_items()),
         ) from None
     except OSError as e:
         if is_exhaustion(e):  # our process, not the upstream: a clean 503 the client may retry
@@ -285,7 +287,7 @@ async def open_upstream(target: Target) -> Upstream:
         raise _unreachable(e, uri, target) from None
     except (InvalidHandshake, InvalidURI, InvalidProxy, asyncio.TimeoutError, EOFError, ValueError) as e:
         raise _unreachable(e, uri, target) from None
-    upstream = Upstream(ws)
+    upstream = Upstream(ws) if conn_id is None else Upstream(ws, id=conn_id)
     state = ws.response.headers.get(TURN_STATE) if ws.response is not None else None
     if state:
         target.turn_state = state

@@ -27,6 +27,8 @@ from typing import Any, Iterator
 from websockets.asyncio.client import connect
 
 from ..core.chain import Chain, ChainStore
+from ..core.events import Handshake
+from ..core.protocol import OpenUpstream, Protocol, Settings
 from .fake_upstream import FakeUpstream
 from .harness import QUIET, Mitmdump
 
@@ -177,21 +179,29 @@ def _chain_messages(turns: int, item_bytes: int) -> Iterator[tuple[str, list[str
         previous = rid
 
 
-def _feed(chain: Chain, raw: str, events: list[str]) -> None:
-    """The core's work for one turn, as the bridge does it: parse the create, keep state, feed the events."""
-    turn = chain.begin_turn(json.loads(raw), raw)
-    chain.needs_rewrite(turn)
+def _protocol(chain: Chain) -> Protocol:
+    """A protocol core with one open upstream connection, as a session has once its client attached."""
+    protocol = Protocol(chain, Settings(keepalive_interval=0))
+    opened = [c for c in protocol.start("ws://bench", "", None) if isinstance(c, OpenUpstream)][0]
+    protocol.upstream_opened(opened.conn, Handshake("ws://bench", "open", opened.conn, True, 101, 0.0, []))
+    return protocol
+
+
+def _feed(protocol: Protocol, raw: str, events: list[str]) -> None:
+    """The core's work for one turn, as the session does it: the client's create, then the upstream's events."""
+    protocol.client_message(raw)
+    conn = protocol.current.id if protocol.current is not None else 1
     for e in events:
-        chain.on_event(json.loads(e), len(e))
+        protocol.upstream_message(conn, e)
 
 
 def per_turn_cost(turns: int, item_bytes: int = 20_000) -> dict[int, float]:
     """Median microseconds of core work per turn, at turns 10, 100 and 1000 of one chain."""
-    chain = Chain(ChainStore(), max_chain_bytes=2**40)
+    protocol = _protocol(Chain(ChainStore(), max_chain_bytes=2**40))
     costs: list[int] = []
     for raw, events in _chain_messages(turns, item_bytes):
         started = time.perf_counter_ns()
-        _feed(chain, raw, events)
+        _feed(protocol, raw, events)
         costs.append(time.perf_counter_ns() - started)
     marks = [m for m in (10, 100, 1000) if m <= turns]
     return {m: statistics.median(costs[max(0, m - 10):m]) / 1000 for m in marks}
@@ -205,15 +215,16 @@ def memory(turns: int, item_bytes: int = 20_000) -> tuple[int, int, int, int]:
     base = tracemalloc.get_traced_memory()[0]
     store = ChainStore()
     chain = Chain(store, max_chain_bytes=2**40)
+    protocol = _protocol(chain)
     for raw, events in _chain_messages(turns, item_bytes):
-        _feed(chain, raw, events)
+        _feed(protocol, raw, events)
     del raw, events
     gc.collect()
     held = tracemalloc.get_traced_memory()[0] - base
     assert chain.head is not None and chain.head.history is not None
     json_bytes = len(json.dumps(chain.head.history.materialize()))
     ids = chain.response_ids
-    del chain
+    del chain, protocol
     gc.collect()
     after_session = tracemalloc.get_traced_memory()[0] - base
     store.retire(ids, deadline=600.0)  # what the bridge does when the session ends (resume_ttl 600 s) ...

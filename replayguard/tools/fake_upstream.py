@@ -1,11 +1,12 @@
 """A faithful fake of the OpenAI Responses API over WebSocket, for tests and offline reproduction
 (`python -m replayguard fake-upstream`).
 
-What it models (see ../shared/notes/responses-websocket.md): a connection-local cache holding only the last
-response of each connection, store=true responses kept server-wide, previous_response_not_found (and eviction
-after any error), the call_id validation ("No tool call found ...", "No tool output found ..."), item references
-under store=false, generate:false warm-ups, and the real event sequence with sequence_number. A scripted model
-answers deterministically. Test controls break connections the ways production does.
+What the upstream does with each message is :mod:`replayguard.tools.upstream_model`'s (the same model the in-process
+protocol tests drive): lanes, the connection-local cache, store semantics, call_id validation, steering and its
+automatic successors, incomplete and failed responses, errors that answer one message while other responses stream,
+refused handshakes, the connection-age limit, and events the openai SDK's types accept. This module puts it on a
+real WebSocket server, streams each lane's events side by side, and adds the test controls that break connections
+the ways production does.
 
 Scripted mode (:class:`Script`, for `replayguard reproduce`): each turn is answered with recorded output items,
 usage and event order instead of the scripted model, and recorded failures are injected at the same turn and the
@@ -16,7 +17,6 @@ The connection-local cache and the call_id validation stay in force, so a reprod
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import secrets
@@ -33,71 +33,13 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 from websockets.protocol import State
 
+from .upstream_model import (CONNECTION_LIMIT_EVENT, OUTPUT_CALLS, TERMINAL_TYPES, Connection, Model, RequestFailed,
+                             response_object, usage_of, validate)
+from .upstream_model import refusal as make_refusal
+
+__all__ = ["FakeUpstream", "RequestFailed", "validate", "OUTPUT_CALLS", "Answer", "Break", "Script", "ScriptedTurn"]
+
 logging.getLogger("websockets").setLevel(logging.WARNING)
-
-OUTPUT_CALLS = {
-    "function_call_output": ("function_call", "local_shell_call"),
-    "custom_tool_call_output": ("custom_tool_call",),
-    "tool_search_output": ("tool_search_call",),
-    "computer_call_output": ("computer_call",),
-}
-NEEDS_OUTPUT = ("function_call", "custom_tool_call", "local_shell_call")
-
-
-CONNECTION_LIMIT_EVENT = {"type": "error", "status": 400, "error": {
-    "type": "invalid_request_error", "code": "websocket_connection_limit_reached",
-    "message": "Responses websocket connection limit reached (60 minutes). Create a new websocket connection to "
-               "continue.", "param": None}}
-
-
-class RequestFailed(Exception):
-    def __init__(self, status: int, code: str | None, message: str, param: str | None, type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.event = {"type": "error", "status": status,
-                      "error": {"type": type_, "code": code, "message": message, "param": param}}
-
-
-def _text(item: dict[str, Any]) -> str:
-    content = item.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return ""
-
-
-def validate(context: list[Any], store: bool) -> None:
-    """The upstream's input validation, in the order it reports problems."""
-    calls: set[str] = set()
-    approvals: set[str] = set()
-    for index, item in enumerate(context):
-        if not isinstance(item, dict):
-            raise RequestFailed(400, None, "Invalid input item.", "input")
-        kind = item.get("type")
-        for key in ("type", "call_id"):
-            if key in item and not isinstance(item[key], str):
-                got = {dict: "an object", list: "an array"}.get(type(item[key]), type(item[key]).__name__)
-                raise RequestFailed(400, "invalid_type", f"Invalid type for 'input[{index}].{key}': expected a string, "
-                                    f"but got {got} instead.", f"input[{index}].{key}")
-        if kind == "item_reference" or (set(item) <= {"id", "type"} and "id" in item):
-            if not store:
-                raise RequestFailed(400, None, f"Item with id '{item.get('id')}' not found. Items are not persisted "
-                                    "when store is false.", "input")
-        if kind in ("function_call", "custom_tool_call", "local_shell_call", "tool_search_call", "computer_call"):
-            calls.add(f"{kind}:{item.get('call_id')}")
-        elif kind == "mcp_approval_request":
-            approvals.add(str(item.get("id")))
-        elif kind in OUTPUT_CALLS:
-            if not any(f"{c}:{item.get('call_id')}" in calls for c in OUTPUT_CALLS[kind]):
-                raise RequestFailed(400, None, "No tool call found for function call output with call_id "
-                                    f"{item.get('call_id')}.", "input")
-        elif kind == "mcp_approval_response" and str(item.get("approval_request_id")) not in approvals:
-            raise RequestFailed(400, None, "No approval request found for approval_request_id "
-                                f"{item.get('approval_request_id')}.", "input")
-    answered = {i.get("call_id") for i in context if isinstance(i, dict) and i.get("type") in OUTPUT_CALLS}
-    for item in context:
-        if isinstance(item, dict) and item.get("type") in NEEDS_OUTPUT and item.get("call_id") not in answered:
-            raise RequestFailed(400, None, f"No tool output found for function call {item.get('call_id')}.", "input")
 
 
 class _Dropped(Exception):
@@ -105,12 +47,26 @@ class _Dropped(Exception):
 
 
 class _Conn:
-    def __init__(self, cid: int, ws: ServerConnection) -> None:
+    def __init__(self, cid: int, ws: ServerConnection, model: Connection) -> None:
         self.id = cid
         self.ws = ws
-        self.cache: dict[str, list[Any]] = {}  # only the last response of this connection
-        self.responses = 0
-        self.lock = asyncio.Lock()
+        self.model = model  # what the upstream does with this connection's messages
+        self.lock = asyncio.Lock()  # one sender at a time
+        self.wake = asyncio.Event()  # something to send
+        self.limit_due = False  # the age limit passed: the error and the close follow the responses in flight
+        self.events = 0  # events of the response being sent (for drop/stall_after_events)
+
+    @property
+    def responses(self) -> int:
+        return self.model.responses
+
+
+def _owner(headers: dict[str, str], path: str) -> str:
+    """Whose stored responses a connection sees: its credential, wherever it carried it."""
+    for name in ("authorization", "api-key", "x-api-key", "cookie", "sec-websocket-protocol"):
+        if headers.get(name):
+            return f"{name}:{headers[name]}"
+    return f"query:{path.partition('?')[2]}"
 
 
 class FakeUpstream:
@@ -120,6 +76,7 @@ class FakeUpstream:
         self.ssl_context = ssl_context
         self.max_size = max_size
         self.port = port
+        self.model = Model(seed=secrets.randbits(16))  # response ids unique across fakes, as the upstream's are
         self.handshakes: list[dict[str, Any]] = []
         self.received: list[tuple[int, dict[str, Any]]] = []
         self.sent: list[tuple[int, dict[str, Any]]] = []
@@ -133,7 +90,6 @@ class FakeUpstream:
         self.turn_state_prefix = "ts"
         self.response_delay = 0.0
         self.handshake_delay = 0.0  # seconds before each handshake is answered (a slow upstream)
-        self.reply_deltas: int | None = None  # when set, every text reply streams exactly this many deltas
         self.delta_interval = 0.0  # seconds between text deltas (a paced stream, as a model produces tokens)
         self.stamp_deltas = False  # add "t_ns" (CLOCK_MONOTONIC at send) to deltas, for latency measurements
         self.drop_after_events: int | None = None  # one-shot: cut TCP after this many events of the next response
@@ -142,17 +98,25 @@ class FakeUpstream:
         # A name-checking front end (as api.openai.com's CDN): a handshake whose TLS server name or Host header
         # names another host is answered 421 Misdirected Request.
         self.expect_name = expect_name
+        self._reply_deltas: int | None = None
         self._sni: dict[int, str | None] = {}  # id(SSLObject) -> the server name the client sent
-        self._refuse: list[tuple[int, bytes | None]] = []
-        self._stored: dict[str, list[Any]] = {}  # store=true responses, server-wide
-        self._tokens: dict[str, int] = {}  # response id -> tokens of its full context and output
         self._conns: dict[int, _Conn] = {}
-        self._ids = itertools.count(1)
-        self._calls = itertools.count(1)
+        self._owners: dict[int, str] = {}  # connection id -> whose credential opened it
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._next_id = 0
+
+    @property
+    def reply_deltas(self) -> int | None:
+        """When set, every text reply streams exactly this many deltas (5 characters each)."""
+        return self._reply_deltas
+
+    @reply_deltas.setter
+    def reply_deltas(self, value: int | None) -> None:
+        self._reply_deltas = value
+        self.model.reply_text = (lambda text: "tok0 " * value) if value else (lambda text: "reply to: " + text[:80])
 
     # -- lifecycle --------------------------------------------------------------------------------
     @property
@@ -161,10 +125,16 @@ class FakeUpstream:
 
     def start(self) -> "FakeUpstream":
         ready = threading.Event()
+        failed: list[BaseException] = []
 
         def run() -> None:
             self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(self._start())
+            try:
+                self._loop.run_until_complete(self._start())
+            except BaseException as e:  # a port in use: the caller hears of it, in one piece
+                failed.append(e)
+                ready.set()
+                return
             ready.set()
             self._loop.run_forever()
 
@@ -172,6 +142,8 @@ class FakeUpstream:
         self._thread.start()
         if not ready.wait(10):
             raise RuntimeError("fake upstream did not start")
+        if failed:
+            raise failed[0]
         return self
 
     async def _start(self) -> None:
@@ -233,14 +205,17 @@ class FakeUpstream:
     def blackhole_all(self) -> None:
         self._call(lambda: [c.ws.transport.pause_reading() for c in list(self._conns.values())])
 
-    def refuse_next(self, count: int, status: int = 503, body: bytes | None = None) -> None:
+    def refuse_next(self, count: int, status: int = 503, body: bytes | None = None,
+                    headers: list[tuple[str, str]] | None = None) -> None:
+        """Refuse the next ``count`` handshakes with ``status`` (the upstream's JSON body for it, Retry-After on a
+        429, unless given)."""
         with self._lock:
-            self._refuse.extend([(status, body)] * count)
+            self.model.refuse_next(count, status, body, headers)
 
     def send_connection_limit_all(self) -> None:
         async def go() -> None:
             for conn in list(self._conns.values()):
-                await self._send(conn, CONNECTION_LIMIT_EVENT)
+                await self._send(conn, dict(CONNECTION_LIMIT_EVENT))
                 await conn.ws.close(1000, "connection limit reached")
         self._call(go)
 
@@ -271,7 +246,7 @@ class FakeUpstream:
 
     def forget_responses(self) -> None:
         """Every connection loses its cache (as when a request lands on another upstream host)."""
-        self._call(lambda: [c.cache.clear() for c in self._conns.values()])
+        self._call(lambda: [c.model.cache.clear() for c in self._conns.values()])
 
     def open_connections(self) -> int:
         """Connections whose WebSocket is still open (a closing handshake or a drop ends it)."""
@@ -311,34 +286,37 @@ class FakeUpstream:
                 return Response(421, "Misdirected Request", Headers([("Content-Type", "text/plain"),
                                                                      ("Content-Length", str(len(body)))]), body.encode())
         with self._lock:
-            refusal = self._refuse.pop(0) if self._refuse else None
+            refusal = self.model.handshake()
         if refusal is None and self.script is not None:
             status = self.script.handshake()
-            refusal = (status, None) if status is not None else None
+            if status is not None:
+                refusal = make_refusal(status)
         if refusal is not None:
-            status, body = refusal
-            if body is None:
-                body = json.dumps({"error": {"type": "server_error", "code": None,
-                                             "message": f"fake upstream refused with {status}", "param": None}}).encode()
-            self.handshakes.append({"conn": None, "path": request.path, "headers": headers, "status": status, **peer})
-            return Response(status, HTTPStatus(status).phrase,
-                            Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body)))]), body)
+            self.handshakes.append({"conn": None, "path": request.path, "headers": headers, "status": refusal.status,
+                                    **peer})
+            return Response(refusal.status, HTTPStatus(refusal.status).phrase,
+                            Headers([*refusal.headers, ("Content-Length", str(len(refusal.body)))]), refusal.body)
         return None
 
     def _process_response(self, connection: ServerConnection, request: Any, response: Response) -> None:
-        cid = next(self._ids)
+        with self._lock:
+            self._next_id += 1
+            cid = self._next_id
         connection.fake_id = cid  # type: ignore[attr-defined]
         headers = {k.lower(): v for k, v in request.headers.raw_items()}
+        self._owners[cid] = _owner(headers, request.path)
         self.handshakes.append({"conn": cid, "path": request.path, "headers": headers, "status": response.status_code,
                                 **self._peer(connection)})
         response.headers["x-codex-turn-state"] = headers.get("x-codex-turn-state", f"{self.turn_state_prefix}-{cid}")
 
     # -- messages ---------------------------------------------------------------------------------
     async def _handler(self, ws: ServerConnection) -> None:
-        conn = _Conn(ws.fake_id, ws)  # type: ignore[attr-defined]
+        cid = ws.fake_id  # type: ignore[attr-defined]
+        conn = _Conn(cid, ws, self.model.connect(self._owners.pop(cid, "")))
         self._conns[conn.id] = conn
         if self.mute:
             ws.transport.pause_reading()  # 101, then nothing: no events, no pongs
+        pump = asyncio.ensure_future(self._pump(conn))
         limit = asyncio.ensure_future(self._age_limit(conn)) if self.max_connection_age else None
         if self.script is not None:
             asyncio.ensure_future(self._scripted_open(conn))
@@ -349,200 +327,110 @@ class FakeUpstream:
             pass
         finally:
             self._conns.pop(conn.id, None)
+            pump.cancel()
             if limit is not None:
                 limit.cancel()
 
     async def _age_limit(self, conn: _Conn) -> None:
-        """At the age limit the upstream sends websocket_connection_limit_reached and closes (after the response
+        """At the age limit the upstream sends websocket_connection_limit_reached and closes (after the responses
         in flight, if any)."""
         assert self.max_connection_age is not None
         await asyncio.sleep(self.max_connection_age)
-        async with conn.lock:
-            self.limit_errors += 1
-            try:
-                await self._send(conn, CONNECTION_LIMIT_EVENT)
-                await conn.ws.close(1000, "connection limit reached")
-            except ConnectionClosed:
-                pass
+        conn.limit_due = True
+        conn.wake.set()
 
     async def _send(self, conn: _Conn, event: dict[str, Any]) -> None:
         self.sent.append((conn.id, event))
         await conn.ws.send(json.dumps(event))
-        if self.stall_after_events is not None and "sequence_number" in event:
-            if event["sequence_number"] + 1 >= self.stall_after_events:
+
+    async def _pump(self, conn: _Conn) -> None:
+        """Send what the model has for this connection: answers to messages first, then the lanes' responses one
+        event at a time in turn (so lanes stream side by side), with the test controls applied."""
+        model = conn.model
+        try:
+            while True:
+                await conn.wake.wait()
+                conn.wake.clear()
+                while True:
+                    lanes = model.ready()
+                    if not model.immediate and not lanes:
+                        break
+                    for lane in lanes or [None]:
+                        event = model.next_event(lane)
+                        if event is not None:
+                            async with conn.lock:
+                                await self._emit(conn, event)
+                if conn.limit_due and not model.ready():
+                    async with conn.lock:
+                        self.limit_errors += 1
+                        await self._send(conn, model.limit_reached())
+                        await conn.ws.close(1000, "connection limit reached")
+                    return
+        except (ConnectionClosed, _Dropped):
+            return
+
+    async def _emit(self, conn: _Conn, event: dict[str, Any]) -> None:
+        """Send one event of the model's, as the test controls shape it."""
+        kind = event.get("type")
+        if kind == "response.created":
+            conn.events = 0
+            if self.response_delay:
+                await asyncio.sleep(self.response_delay)
+        if kind == "response.output_text.delta":
+            if self.delta_interval:
+                await asyncio.sleep(self.delta_interval)
+            if self.stamp_deltas:
+                event = dict(event, t_ns=time.monotonic_ns())
+        await self._send(conn, event)
+        if "sequence_number" in event and kind != "error":
+            conn.events += 1
+            if self.stall_after_events is not None and conn.events >= self.stall_after_events:
                 self.stall_after_events = None
                 conn.ws.transport.pause_reading()  # silent mid-response: no more events, no pongs
                 await conn.ws.wait_closed()
                 raise _Dropped()
-        if self.drop_after_events is not None and "sequence_number" in event:
-            if event["sequence_number"] + 1 >= self.drop_after_events:
+            if self.drop_after_events is not None and conn.events >= self.drop_after_events:
                 self.drop_after_events = None
                 conn.ws.transport.abort()
                 raise _Dropped()
+        if kind in TERMINAL_TYPES:
+            await self._after_response(conn)
 
-    async def _error(self, conn: _Conn, failure: RequestFailed) -> None:
-        conn.cache.clear()  # after any 4xx/5xx the referenced response is evicted
-        await self._send(conn, failure.event)
+    async def _after_response(self, conn: _Conn) -> None:
+        if self.close_after_responses and conn.responses >= self.close_after_responses:
+            await conn.ws.close(1011, "keepalive ping timeout")
+            raise _Dropped()
+        if self.drop_after_responses and conn.responses >= self.drop_after_responses:
+            conn.ws.transport.abort()  # TCP cut: no close frame
+            raise _Dropped()
+        if self.blackhole_after_responses and conn.responses >= self.blackhole_after_responses:
+            conn.ws.transport.pause_reading()  # silent: no pongs, no answers
+            raise _Dropped()
 
     async def _on_message(self, conn: _Conn, message: str | bytes) -> None:
-        if isinstance(message, bytes):
-            self.received.append((conn.id, {"_binary": len(message)}))
-            await self._error(conn, RequestFailed(400, None, "Binary frames are not supported.", None))
-            return
-        try:
-            obj = json.loads(message)
-        except (ValueError, RecursionError):  # the upstream answers too-deep JSON as invalid, too
-            self.received.append((conn.id, {"_raw": message}))
-            await self._error(conn, RequestFailed(400, None, "Invalid JSON.", None))
-            return
-        self.received.append((conn.id, obj))
+        obj: Any = None
+        if isinstance(message, str):
+            try:
+                obj = json.loads(message)
+            except (ValueError, RecursionError):
+                obj = None
+        self.received.append((conn.id, obj if isinstance(obj, dict) else
+                              {"_binary": len(message)} if isinstance(message, bytes) else {"_raw": message}))
         kind = obj.get("type") if isinstance(obj, dict) else None
         if kind == "response.create":
             if self.silent_next_requests > 0:
                 self.silent_next_requests -= 1
                 conn.ws.transport.pause_reading()
                 return
-            async with conn.lock:
-                try:
-                    await self._create(conn, obj)
-                except _Dropped:
-                    return
-            if self.close_after_responses and conn.responses >= self.close_after_responses:
-                await conn.ws.close(1011, "keepalive ping timeout")
-            elif self.drop_after_responses and conn.responses >= self.drop_after_responses:
-                conn.ws.transport.abort()  # TCP cut: no close frame
-            elif self.blackhole_after_responses and conn.responses >= self.blackhole_after_responses:
-                conn.ws.transport.pause_reading()  # silent: no pongs, no answers
-        elif kind in ("response.processed",):
-            return
-        else:
-            await self._error(conn, RequestFailed(400, "unknown_event_type", f"Unknown event type: {kind!r}.", "type"))
-
-    def _context(self, conn: _Conn, req: dict[str, Any], store: bool) -> tuple[list[Any], list[Any]]:
-        """The request's input items and the whole context the upstream sees for it (raises RequestFailed as the
-        upstream answers: an unreadable input, an unknown previous_response_id, a broken call pairing)."""
-        raw_input = req.get("input", [])
-        items = [{"type": "message", "role": "user", "content": raw_input}] if isinstance(raw_input, str) else raw_input
-        if not isinstance(items, list):
-            raise RequestFailed(400, None, "Invalid type for 'input'.", "input")
-        previous = req.get("previous_response_id")
-        context: list[Any] = []
-        if previous:
-            base = conn.cache.get(previous, self._stored.get(previous))
-            if base is None:
-                raise RequestFailed(400, "previous_response_not_found",
-                                    f"Previous response with id '{previous}' not found.", "previous_response_id")
-            context = list(base)
-        context += items
-        validate(context, store)
-        return items, context
-
-    async def _create(self, conn: _Conn, req: dict[str, Any]) -> None:
-        if self.script is not None and await self._scripted_create(conn, req):
-            return
-        store = req.get("store", True) is not False
-        previous = req.get("previous_response_id")
-        try:
-            items, context = self._context(conn, req, store)
-        except RequestFailed as failure:
-            await self._error(conn, failure)
-            return
-        if self.response_delay:
-            await asyncio.sleep(self.response_delay)
-        rid = "resp_" + secrets.token_hex(8)
-        output = self._model(context, req) if req.get("generate", True) is not False else []
-        seq = itertools.count()
-        base_response = {"id": rid, "object": "response", "created_at": int(time.time()), "status": "in_progress",
-                         "model": req.get("model"), "output": [], "store": store,
-                         "previous_response_id": previous}
-        await self._send(conn, {"type": "response.created", "response": base_response, "sequence_number": next(seq)})
-        await self._send(conn, {"type": "response.in_progress", "response": base_response, "sequence_number": next(seq)})
-        for index, item in enumerate(output):
-            await self._stream_item(conn, index, item, seq)
-        # Token counts grow with the chain: counted incrementally, so a long chain costs the fake O(1) per turn.
-        base_tokens = self._tokens.get(previous, 0) if previous else 0
-        new_tokens = (len(json.dumps(items)) if previous else len(json.dumps(context))) // 4
-        usage = {"input_tokens": base_tokens + new_tokens, "output_tokens": len(json.dumps(output)) // 4}
-        usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
-        final = dict(base_response, status="completed", output=output, usage=usage)
-        full = context + output
-        conn.cache.clear()
-        conn.cache[rid] = full
-        if store:
-            self._stored[rid] = full
-        self._tokens[rid] = usage["input_tokens"] + usage["output_tokens"]
-        conn.responses += 1
-        await self._send(conn, {"type": "response.completed", "response": final, "sequence_number": next(seq)})
-
-    async def _stream_item(self, conn: _Conn, index: int, item: dict[str, Any], seq: Any) -> None:
-        added = dict(item, status="in_progress")
-        if item["type"] == "message":
-            added["content"] = []
-        await self._send(conn, {"type": "response.output_item.added", "output_index": index, "item": added,
-                                "sequence_number": next(seq)})
-        if item["type"] == "message":
-            text = item["content"][0]["text"]
-            part = {"type": "output_text", "text": "", "annotations": []}
-            common = {"item_id": item["id"], "output_index": index, "content_index": 0}
-            await self._send(conn, {"type": "response.content_part.added", **common, "part": part,
-                                    "sequence_number": next(seq)})
-            for i in range(0, len(text), 5):
-                delta = {"type": "response.output_text.delta", **common, "delta": text[i:i + 5],
-                         "sequence_number": next(seq)}
-                if self.delta_interval:
-                    await asyncio.sleep(self.delta_interval)
-                if self.stamp_deltas:
-                    delta["t_ns"] = time.monotonic_ns()
-                await self._send(conn, delta)
-            await self._send(conn, {"type": "response.output_text.done", **common, "text": text,
-                                    "sequence_number": next(seq)})
-            await self._send(conn, {"type": "response.content_part.done", **common, "part": item["content"][0],
-                                    "sequence_number": next(seq)})
-        elif item["type"] == "function_call":
-            args = item["arguments"]
-            for i in range(0, len(args), 8):
-                await self._send(conn, {"type": "response.function_call_arguments.delta", "item_id": item["id"],
-                                        "output_index": index, "delta": args[i:i + 8], "sequence_number": next(seq)})
-            await self._send(conn, {"type": "response.function_call_arguments.done", "item_id": item["id"],
-                                    "output_index": index, "arguments": args, "sequence_number": next(seq)})
-        await self._send(conn, {"type": "response.output_item.done", "output_index": index, "item": item,
-                                "sequence_number": next(seq)})
-
-    def _model(self, context: list[Any], req: dict[str, Any]) -> list[dict[str, Any]]:
-        """A deterministic script standing in for the model."""
-        out: list[dict[str, Any]] = []
-        if "reasoning.encrypted_content" in (req.get("include") or []):
-            out.append({"type": "reasoning", "id": "rs_" + secrets.token_hex(6), "summary": [],
-                        "encrypted_content": "enc_" + secrets.token_hex(12)})
-        last = context[-1] if context else {}
-        if isinstance(last, dict) and last.get("type") in OUTPUT_CALLS:
-            outputs = []
-            for item in reversed(context):
-                if not (isinstance(item, dict) and item.get("type") in OUTPUT_CALLS):
-                    break
-                outputs.append(str(item.get("output")))
-            out.append(self._message("tool said: " + "; ".join(reversed(outputs))))
-            return out
-        text = _text(last) if isinstance(last, dict) and last.get("type", "message") == "message" else ""
-        if "TOOL2" in text:
-            out += [self._tool_call("echo a"), self._tool_call("echo b")]
-        elif "TOOL" in text:
-            out.append(self._tool_call("ls" if " ls" in text else "echo a"))
-        else:
-            if self.reply_deltas:
-                out.append(self._message("tok0 " * self.reply_deltas))  # 5 chars per delta
-            else:
-                out.append(self._message("reply to: " + text[:80]))  # bounded: a huge input is not echoed back
-        return out
-
-    def _tool_call(self, cmd: str) -> dict[str, Any]:
-        return {"type": "function_call", "id": "fc_" + secrets.token_hex(6), "call_id": f"call_{next(self._calls)}",
-                "name": "exec_command", "arguments": json.dumps({"cmd": cmd}), "status": "completed"}
-
-    @staticmethod
-    def _message(text: str) -> dict[str, Any]:
-        return {"type": "message", "id": "msg_" + secrets.token_hex(6), "role": "assistant", "status": "completed",
-                "content": [{"type": "output_text", "text": text, "annotations": []}]}
+            if self.script is not None:
+                async with conn.lock:
+                    try:
+                        if await self._scripted_create(conn, obj):
+                            return
+                    except _Dropped:
+                        return
+        conn.model.receive(message)
+        conn.wake.set()
 
     # -- scripted mode ----------------------------------------------------------------------------
     async def _scripted_open(self, conn: _Conn) -> None:
@@ -567,13 +455,15 @@ class FakeUpstream:
             return True
         store = req.get("store", True) is not False
         previous = req.get("previous_response_id")
+        model = conn.model
         try:
-            items, context = self._context(conn, req, store)
+            context = model.context_of(req, store)
         except RequestFailed as failure:
-            await self._error(conn, failure)
+            model.cache.clear()  # after any error the referenced response is evicted
+            await self._send(conn, failure.event)
             return True
         if answer.status == "error":
-            conn.cache.clear()
+            model.cache.clear()
             error = answer.error or RequestFailed(500, "server_error", "error", None, "server_error").event
             await self._send(conn, error)
             if _error_code(answer.error) == "websocket_connection_limit_reached":
@@ -582,14 +472,12 @@ class FakeUpstream:
             return True
         if self.response_delay:
             await asyncio.sleep(self.response_delay)
-        rid = "resp_" + secrets.token_hex(8)
+        rid = self.model.new_id("resp")
         output = [dict(i) for i in answer.output]
-        base_response = {"id": rid, "object": "response", "created_at": int(time.time()), "status": "in_progress",
-                         "model": req.get("model"), "output": [], "store": store, "previous_response_id": previous}
+        base_response = response_object(rid, req, "in_progress", [], created_at=int(time.time()), previous=previous)
         usage = answer.usage
         if usage is None:
-            usage = {"input_tokens": len(json.dumps(context)) // 4, "output_tokens": len(json.dumps(output)) // 4}
-            usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
+            usage = usage_of(len(json.dumps(context)) // 4, len(json.dumps(output)) // 4)
         status = {"completed": "completed", "response.failed": "failed", "response.incomplete": "incomplete"}.get(
             answer.status, "completed")
         final = dict(base_response, status=status, output=output, usage=usage)
@@ -601,13 +489,8 @@ class FakeUpstream:
                 self.script.note(key, f"{answer.cut.describe()} after {index} events")
                 await self._break(conn, answer.cut)
                 return True
-            if event.get("type") == "response.completed":
-                full = context + output
-                conn.cache.clear()
-                conn.cache[rid] = full
-                if store:
-                    self._stored[rid] = full
-                conn.responses += 1
+            if event.get("type") in ("response.completed", "response.incomplete"):
+                model.remember(rid, req, context + output)
             await self._send(conn, event)
         if answer.cut is not None:  # every recorded event of a broken-off answer was sent: now it breaks
             self.script.note(key, f"{answer.cut.describe()} after {len(events)} events")
@@ -644,7 +527,7 @@ class FakeUpstream:
             if not idle:
                 await ws.wait_closed()
         elif brk.kind == "error":
-            conn.cache.clear()  # after any error the referenced response is evicted
+            conn.model.cache.clear()  # after any error the referenced response is evicted
             event = brk.error or CONNECTION_LIMIT_EVENT
             await self._send(conn, event)
             if _error_code(event) == "websocket_connection_limit_reached":
@@ -882,6 +765,8 @@ def scripted_events(types: list[str] | None, output: list[dict[str, Any]], base:
                     elif what == "content":
                         event["content_index"] = part
                     text = _part_text(item, at, what)
+                    if kind in ("response.output_text.delta", "response.output_text.done"):
+                        event["logprobs"] = []
                     if is_delta:
                         key = (index, at, what)
                         n, i = counts[key], sent.get(key, 0)
