@@ -484,14 +484,14 @@ class Foreground:
 
 
 # -- the summary ---------------------------------------------------------------------------------------
-TRIGGER_WORDS = {
+TRIGGER_WORDS = {  # how the upstream was found dead, in a few words
     Trigger.CLOSED.value: "upstream closed",
     Trigger.DROPPED.value: "upstream dropped",
-    Trigger.PING_TIMEOUT.value: "silent upstream (no pong)",
-    Trigger.FIRST_EVENT_TIMEOUT.value: "silent upstream (no first event)",
+    Trigger.PING_TIMEOUT.value: "upstream silent (no pong)",
+    Trigger.FIRST_EVENT_TIMEOUT.value: "upstream silent (no first event)",
     Trigger.PREVIOUS_NOT_FOUND.value: "previous_response_not_found",
-    Trigger.CONNECTION_LIMIT.value: "connection limit",
-    Trigger.RESUME.value: "client reconnected (resumed)",
+    Trigger.CONNECTION_LIMIT.value: "connection limit reached",
+    Trigger.RESUME.value: "reconnected client resumed",
 }
 CLIENT_ERRORS = ("error", "response.failed", "response.incomplete")
 
@@ -515,7 +515,7 @@ def _error_code(error: Any, status: str) -> str:
             return str(code)
         message = re.sub(r"resp_[A-Za-z0-9]+", "resp_…", str(error.get("message") or ""))
         if message:
-            return message[:60]
+            return message if len(message) <= 120 else message[:119] + "…"
     return status
 
 
@@ -542,7 +542,8 @@ def summarize(records: Iterable[dict[str, Any]], unreadable: int = 0) -> Summary
         elif event == "fail_close":
             failed_closed.add((r.get("session"), r.get("turn")))
             error = (r.get("error") or {}).get("error") if isinstance(r.get("error"), dict) else None
-            s.fail_closes[str((error or {}).get("code") or "no error event")] += 1
+            code = (error or {}).get("code") if isinstance(error, dict) else None
+            s.fail_closes[str(code) if code else f"no error event, close {r.get('close_code')}"] += 1
     s.sessions = len(sessions)
     for r in ended:
         status = str(r.get("status"))
@@ -556,7 +557,7 @@ def _counts(counter: Counter[str]) -> str:
     total = sum(counter.values())
     if not total:
         return "0"
-    return f"{total} (" + ", ".join(f"{name} {n}" for name, n in counter.most_common()) + ")"
+    return f"{total} — " + "; ".join(f"{name}: {n}" for name, n in sorted(counter.items(), key=lambda i: (-i[1], i[0])))
 
 
 def render_summary(summary: Summary | None, command: list[str], status: int, proxy: Proxy,
