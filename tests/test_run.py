@@ -49,6 +49,12 @@ KEY = "sk-run-SECRET-0123456789"
 TIMEOUT = 180  # a whole run: a loaded machine starts mitmdump and Codex slowly
 
 
+@pytest.fixture(autouse=True)
+def work_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run` keeps its work directory (log, trace) under TMPDIR: here, the test's own."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     env.update(extra)
@@ -194,6 +200,26 @@ def test_summary_counts_fail_closes_and_upstream_errors(fake, tmp_path):
     assert ("upstream errors passed through: 1 — No tool call found for function call output with call_id "
             "call_never_made.: 1") in result.stderr
     assert len(fake.handshakes) == 1  # strict: failed closed, no second upstream connection
+
+
+def test_trace_file_and_directory(fake, tmp_path):
+    """An existing trace file is appended to, and the summary counts this run's records only; a directory gets a new
+    file, which the summary names."""
+    def one_turn(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(RUN + list(args) + ["--", sys.executable, str(PROGRAMS), "interactive",
+                                                  f"ws://127.0.0.1:{fake.port}/v1/responses"],
+                              input="hello\nexit 0\n", capture_output=True, text=True, timeout=TIMEOUT,
+                              env=clean_env(OPENAI_API_KEY=KEY), cwd=tmp_path)
+
+    trace = tmp_path / "trace.jsonl"
+    for _ in range(2):
+        result = one_turn("--trace", str(trace))
+        assert result.returncode == 0 and "sessions 1, turns 1 (1 completed)" in result.stderr, result.stderr
+    assert len({r["session"] for r in records(trace)}) == 2
+    result = one_turn("--trace", f"{tmp_path / 'traces'}/", "--set", "termlog_verbosity=warn")
+    assert result.returncode == 0 and "sessions 1, turns 1 (1 completed)" in result.stderr, result.stderr
+    (written,) = (tmp_path / "traces").iterdir()
+    assert summary_path(result.stderr, "trace") == written
 
 
 # -- the terminal --------------------------------------------------------------------------------------
@@ -405,14 +431,19 @@ def test_command_not_found(tmp_path):
     assert result.returncode == 127 and one_line(result).endswith(f"COMMAND not found: {tmp_path / 'nowhere'}")
 
 
-def test_bad_rules_file_is_reported_with_its_line(tmp_path):
+@pytest.mark.parametrize("quiet", [[], ["--set", "termlog_verbosity=warn"]])
+def test_bad_rules_file_is_reported_with_its_line(tmp_path, quiet):
+    """Also when mitmproxy logs nothing at startup: it loads scripts in a task of their own, so it may listen before
+    replayguard has read its rules; COMMAND must not start then."""
     bad = tmp_path / "rules.yaml"
     bad.write_text("upstream:\n  ping_timeout: 2\n  ping_idle: -3\n")
-    result = subprocess.run(RUN + ["--rules", str(bad), "--", "true"], capture_output=True, text=True,
-                            timeout=TIMEOUT, cwd=tmp_path)
+    flag = tmp_path / "ran"
+    result = subprocess.run(RUN + quiet + ["--rules", str(bad), "--", "touch", str(flag)], capture_output=True,
+                            text=True, timeout=TIMEOUT, cwd=tmp_path)
     assert result.returncode == 2
     assert one_line(result) == (f"replayguard run: bad rules file: {bad}:3: upstream.ping_idle: expected a number "
                                 f">= 0, got -3")
+    assert not flag.exists()
     missing = subprocess.run(RUN + ["--rules", str(tmp_path / "none.yaml"), "--", "true"], capture_output=True,
                              text=True, timeout=60, cwd=tmp_path)
     assert missing.returncode == 2 and "bad rules file: " in one_line(missing)

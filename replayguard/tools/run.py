@@ -11,7 +11,6 @@ window changes reach COMMAND (the terminal's foreground process group) and never
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shlex
@@ -31,8 +30,6 @@ from typing import Any, Iterable, TextIO
 from ..core.records import read_records
 from ..core.recovery import Trigger
 from .harness import ROOT, listening_ports, mitmdump_command
-
-log = logging.getLogger(__name__)
 
 PROG = "replayguard run"
 START_TIMEOUT = 60.0  # seconds for mitmproxy to listen (a cold start on a loaded machine takes a few)
@@ -193,8 +190,10 @@ class Proxy:
                                                      else str(_free_port("127.0.0.1")))
         self.web_url: str | None = None
         self.log_start = 0  # the log file's size before the run (an existing file is appended to)
+        self._seen: list[bytes] = []  # mitmproxy's output, when it goes to the terminal
         self.stopping = False
         self.trace_start = 0  # the trace file's size before the run: an existing file's older records are not ours
+        self.trace_existed = False
         self.died: int | None = None  # the proxy's exit status when it died while COMMAND ran
 
     @property
@@ -227,31 +226,46 @@ class Proxy:
     def start(self) -> None:
         if self.own_confdir:
             self.confdir.mkdir(mode=0o700)
-        trace = Path(self.trace_option).expanduser() if self.trace_option else None
-        if trace is not None and trace.is_file():
+        trace = self.trace_path()
+        if trace is not None:
             self.trace_start = trace.stat().st_size
+            self.trace_existed = True
         # mitmproxy's own connections go direct (or by --set mode=upstream:...): a proxy variable in its
         # environment would only loop tools it runs back into itself.
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        # Unbuffered: what it logs is in the file before it listens, so a startup error is never missed.
+        env["PYTHONUNBUFFERED"] = "1"
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             out: Any = open(self.log_path, "ab")
             self.log_start = out.tell()
         else:
-            out = None  # the terminal: run's stderr
+            out = subprocess.PIPE  # copied to the terminal by a thread of ours, which also reads why it stopped
         try:
             self.proc = subprocess.Popen(
-                self.command(), stdin=subprocess.DEVNULL, stdout=out if out is not None else sys.stderr.fileno(),
-                stderr=subprocess.STDOUT, env=env, cwd=self.work, start_new_session=True,
+                self.command(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                cwd=self.work, start_new_session=True,
                 preexec_fn=_parent_death_signal if sys.platform.startswith("linux") else None)
         finally:
-            if out is not None:
+            if out is not subprocess.PIPE:
                 out.close()
+        if self.log_path is None:
+            threading.Thread(target=self._copy_output, daemon=True, name="proxy-output").start()
+
+    def _copy_output(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in iter(self.proc.stdout.readline, b""):
+            self._seen.append(line)
+            try:
+                sys.stderr.buffer.write(line.replace(b"\n", b"\r\n") if sys.stderr.isatty() else line)
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
 
     def output(self) -> str:
-        """mitmproxy's output in this run ("" when it goes to the terminal)."""
+        """mitmproxy's output in this run."""
         if self.log_path is None:
-            return ""
+            return b"".join(self._seen).decode("utf-8", errors="replace")
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(self.log_start)
@@ -260,16 +274,16 @@ class Proxy:
             return ""
 
     def _quiet(self) -> bool:
-        """Its output will not say where it listens: sent to the terminal, or a verbosity below info."""
+        """Its output will not say where it listens: a verbosity below info."""
         verbosity = [s.partition("=")[2] for s in self.passed if s.startswith("termlog_verbosity=")]
-        return self.log_path is None or bool(verbosity and verbosity[-1] in ("warn", "error"))
+        return bool(verbosity and verbosity[-1] in ("warn", "error"))
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Until the proxy listens and its CA file exists; a RunError with mitmproxy's reason when it exits."""
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         listening = re.compile(r"(?<!Web server )listening at (?:\[[^\]]*\]|[^\s:]+):(\d+)")
-        where = f" (log: {self.log_path})" if self.log_path is not None else " (its output is above)"
+        where = f" (log: {self.log_path})" if self.log_path is not None else ""
         while time.monotonic() < deadline:
             text = self.output()
             if self.proc.poll() is not None:
@@ -290,14 +304,25 @@ class Proxy:
                     ports = listening_ports(self.proc.pid) - {int(self.web_port)}
                     if ports and (self.tool == "mitmdump" or self.web_port != "0"):
                         self.port = min(ports)
-            if self.port and self.ca.exists() and (self.tool == "mitmdump" or self._web_ready(text)):
+            if self.port and self.ca.exists() and self._loaded(text) and (self.tool == "mitmdump"
+                                                                            or self._web_ready(text)):
                 return
             time.sleep(0.05)
         raise RunError(f"{self.tool} did not start within {timeout:.0f} s{where}")
 
+    def _loaded(self, text: str) -> bool:
+        """replayguard has loaded its rules and opened the trace. mitmproxy loads scripts in a task of their own, so
+        the proxy may listen before that: a client let in then would pass replayguard by."""
+        if "replayguard: rules from" in text:
+            return True
+        if not self.trace_existed and self.trace_path() is not None:
+            return True  # the addon opens the trace right after loading its rules
+        # Nothing says it (a verbosity below info, with an existing trace or none): listening has to do.
+        return self._quiet() and (self.trace_existed or not self.trace_option)
+
     def _web_ready(self, text: str) -> bool:
         if self._quiet():
-            return True  # mitmweb prints its URL itself
+            return True  # no URL to print: mitmweb's own output does not say it either
         m = re.search(r"Web server listening at (\S+)", text)
         if not m:
             return False
@@ -342,7 +367,8 @@ class Proxy:
             return None
         p = Path(self.trace_option).expanduser()
         if p.is_dir() or self.trace_option.endswith(("/", os.sep)):
-            assert self.proc is not None
+            if self.proc is None:
+                return None
             found = sorted(p.glob(f"replayguard-*-{self.proc.pid}.jsonl"))
             return found[-1] if found else None
         return p if p.exists() else None
@@ -431,6 +457,7 @@ class Foreground:
 
     def __init__(self) -> None:
         self.child: subprocess.Popen[bytes] | None = None
+        self.killed_by: int | None = None  # the signal that killed COMMAND
         self._previous: dict[int, Any] = {}
         self._tty: int | None = None
 
@@ -480,7 +507,10 @@ class Foreground:
         except OSError as e:
             raise RunError(f"cannot run {argv[0]}: {e.strerror or e}", 126) from None
         status = self.child.wait()
-        return 128 - status if status < 0 else status
+        if status < 0:
+            self.killed_by = -status
+            return 128 - status
+        return status
 
 
 # -- the summary ---------------------------------------------------------------------------------------
@@ -560,9 +590,11 @@ def _counts(counter: Counter[str]) -> str:
     return f"{total} — " + "; ".join(f"{name}: {n}" for name, n in sorted(counter.items(), key=lambda i: (-i[1], i[0])))
 
 
-def render_summary(summary: Summary | None, command: list[str], status: int, proxy: Proxy,
+def render_summary(summary: Summary | None, command: list[str], status: int, killed_by: int | None, proxy: Proxy,
                    trace: Path | None, program: str) -> str:
-    how = f"killed by signal {status - 128}" if status > 128 else f"exited with status {status}"
+    how = f"exited with status {status}"
+    if killed_by is not None:
+        how = f"killed by signal {killed_by} ({signal.Signals(killed_by).name})"
     lines = [f"{PROG}: {shlex.join(command)} {how}"]
     if summary is None:
         lines.append("  no trace: nothing to summarize" + (" (tracing was turned off)" if not proxy.trace_option
@@ -634,7 +666,7 @@ def main(options: Options, program: str = "replayguard", err: TextIO = sys.stder
             if trace is not None:
                 records, bad = read_trace(trace, proxy.trace_start)
                 summary = summarize(records, bad)
-            err.write(render_summary(summary, command, status, proxy, trace, program) + "\n")
+            err.write(render_summary(summary, command, status, foreground.killed_by, proxy, trace, program) + "\n")
             err.flush()
         return status
     except RunError as e:
