@@ -47,6 +47,17 @@ RUN = [sys.executable, "-m", "replayguard", "run"]
 NAME = "upstream.test"
 KEY = "sk-run-SECRET-0123456789"
 TIMEOUT = 180  # a whole run: a loaded machine starts mitmdump and Codex slowly
+# Codex's provider: the private upstream, by name, over WebSocket; regular mode needs nothing else of Codex.
+CODEX_CONFIG = f'''model = "demo-model"
+model_provider = "named"
+
+[model_providers.named]
+name = "a private upstream"
+base_url = "https://{NAME}:{{port}}/v1"
+wire_api = "responses"
+env_key = "DEMO_API_KEY"
+supports_websockets = true
+'''
 
 
 @pytest.fixture(autouse=True)
@@ -154,16 +165,7 @@ def test_codex_exec_survives_a_silent_upstream_and_a_drop(named, corp, ca, rules
     """Codex in regular mode: HTTPS_PROXY and CODEX_CA_CERTIFICATE from `run`, a provider at the named host."""
     home = tmp_path / "codex-home"
     home.mkdir()
-    (home / "config.toml").write_text(f'''model = "demo-model"
-model_provider = "named"
-
-[model_providers.named]
-name = "a private upstream"
-base_url = "https://{NAME}:{named.port}/v1"
-wire_api = "responses"
-env_key = "DEMO_API_KEY"
-supports_websockets = true
-''')
+    (home / "config.toml").write_text(CODEX_CONFIG.format(port=named.port))
     work = tmp_path / "work"
     work.mkdir()
     trace = tmp_path / "trace.jsonl"
@@ -247,17 +249,20 @@ class Terminal:
                 data = os.read(self.master, 65536)
             except OSError:  # EIO: every process closed the terminal
                 data = b""
+            for _ in range(data.count(b"\x1b[6n")):  # a full-screen program asks where the cursor is
+                os.write(self.master, b"\x1b[1;1R")
             with self.changed:
                 self.output += data.decode(errors="replace").replace("\r\n", "\n")
                 self.changed.notify_all()
             if not data:
                 return
 
-    def expect(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+    def expect(self, pattern: str, timeout: float = 60, since: int = 0) -> re.Match[str]:
+        """The first match of ``pattern`` in the output from offset ``since`` on, waiting for it to come."""
         deadline = time.monotonic() + timeout
         with self.changed:
             while True:
-                m = re.search(pattern, self.output)
+                m = re.compile(pattern).search(self.output, since)
                 if m:
                     return m
                 left = deadline - time.monotonic()
@@ -331,6 +336,43 @@ def test_interactive_session_owns_the_terminal(localhost, ca, rules, tmp_path):
     assert len(localhost.handshakes) == 1 and localhost.handshakes[0]["sni"] == "localhost"
     (end,) = [r for r in records(trace) if r["event"] == "session.end"]
     assert end["reason"] == "client closed (1000)", end  # not "the proxy shut down": it was not stopped under COMMAND
+
+
+@pytest.mark.skipif(not CODEX, reason="Codex CLI not installed (.ci/run installs it with npm)")
+def test_interactive_codex(named, corp, ca, rules, tmp_path):
+    """The Codex TUI on a terminal through `run`: a prompt pasted and sent, its tool call answered through a silent
+    upstream and a drop, Ctrl-C twice to quit (the TUI's own way out), and the summary after it."""
+    home = tmp_path / "codex-home"
+    home.mkdir()
+    (home / "config.toml").write_text(CODEX_CONFIG.format(port=named.port))
+    work = tmp_path / "work"
+    work.mkdir()
+    trace = tmp_path / "trace.jsonl"
+    term = Terminal(RUN + to_named(corp, ca, rules, trace) + ["--", str(CODEX)],
+                    clean_env(CODEX_HOME=str(home), DEMO_API_KEY=KEY, TERM="xterm-256color"), work, 100, 30)
+    try:
+        term.expect(r"Ask Codex to do anything")
+        term.expect(r"state=idle")  # the TUI says its state in an escape sequence of its own
+        mark = len(term.output)
+        term.type("\x1b[200~please run TOOL ls\x1b[201~")  # a bracketed paste: typed at once, not sent yet
+        term.expect(r"please run TOOL ls", since=mark)
+        mark = len(term.output)
+        term.type("\r")
+        term.expect(r"tool said:", timeout=90, since=mark)
+        term.expect(r"state=(idle|done)", timeout=30, since=mark)
+        mark = len(term.output)
+        term.type("\x03")  # the first Ctrl-C: the TUI asks for a second one
+        term.expect(r"\S", since=mark)
+        term.type("\x03")
+        assert term.wait() == 0, term.output
+    finally:
+        term.close()
+    assert "exited with status 0" in term.output
+    traced = records(trace)
+    triggers = {r["trigger"] for r in traced if r["event"] == "recovery"}
+    assert {"no event within first event timeout", "upstream connection dropped"} <= triggers, traced
+    assert not [r for r in traced if r["event"] == "fail_close"]
+    assert all(r["status"] == "completed" for r in traced if r["event"] == "turn.end")
 
 
 def test_ctrl_c_that_kills_command_is_its_exit_status(tmp_path):
