@@ -425,6 +425,28 @@ def test_signals_sent_to_run_reach_command(tmp_path, sig, status):
     assert not listens(port)
 
 
+def test_a_proxy_that_dies_under_command_is_reported(tmp_path):
+    """COMMAND kills the proxy (found by the port HTTPS_PROXY names); run still exits with COMMAND's status and the
+    summary says the proxy died under it."""
+    program = ("import os, signal, socket, urllib.parse\n"
+               "from replayguard.tools.harness import listening_ports\n"
+               "def ports(pid):\n"
+               "    try:\n"
+               "        return listening_ports(pid)\n"
+               "    except OSError:  # gone meanwhile\n"
+               "        return set()\n"
+               "port = urllib.parse.urlsplit(os.environ['HTTPS_PROXY']).port\n"
+               "(pid,) = [int(p) for p in os.listdir('/proc') if p.isdigit() and port in ports(int(p))]\n"
+               "os.kill(pid, signal.SIGKILL)\n"
+               "while socket.socket().connect_ex(('127.0.0.1', port)) == 0: pass\n"
+               "raise SystemExit(5)\n")
+    result = subprocess.run(RUN + ["--", sys.executable, "-c", program], capture_output=True, text=True,
+                            timeout=TIMEOUT, env=clean_env(), cwd=tmp_path)
+    assert result.returncode == 5, result.stderr
+    assert "  mitmdump killed by signal 9 (SIGKILL) while COMMAND ran: what came after went nowhere" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_web_prints_its_url_and_keeps_the_flows(tmp_path):
     flag = tmp_path / "done"
     program = f"import os, time\nwhile not os.path.exists({str(flag)!r}): time.sleep(0.05)\n"

@@ -135,6 +135,17 @@ def _parent_death_signal() -> None:
         pass
 
 
+def describe_status(status: int) -> str:
+    """A Popen return code in words: "exited with status N" or "killed by signal N (NAME)"."""
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = "?"
+        return f"killed by signal {-status} ({name})"
+    return f"exited with status {status}"
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -192,6 +203,7 @@ class Proxy:
         self.log_start = 0  # the log file's size before the run (an existing file is appended to)
         self._seen: list[bytes] = []  # mitmproxy's output, when it goes to the terminal
         self.stopping = False
+        self._lock = threading.Lock()  # stopping and died: the watcher thread and stop() agree on who saw the end
         self.trace_start = 0  # the trace file's size before the run: an existing file's older records are not ours
         self.trace_existed = False
         self.died: int | None = None  # the proxy's exit status when it died while COMMAND ran
@@ -337,23 +349,32 @@ class Proxy:
         return True
 
     def watch(self) -> None:
-        """Note (once, on stderr) if the proxy dies while COMMAND runs: COMMAND's connections fail from then on."""
+        """Say at once (on stderr) if the proxy dies while COMMAND runs: COMMAND's connections fail from then on."""
         def wait() -> None:
             assert self.proc is not None
             status = self.proc.wait()
-            if self.died is None and not self.stopping:
+            with self._lock:
+                if self.stopping:
+                    return
                 self.died = status
-                sys.stderr.write(f"\r\n{PROG}: {self.tool} exited with status {status} while COMMAND runs; "
-                                 f"see {self.log_path or 'its output above'}\r\n")
-                sys.stderr.flush()
+            end = "\r\n" if sys.stderr.isatty() else "\n"  # a full-screen COMMAND may have the terminal raw
+            sys.stderr.write(f"{end}{PROG}: {self.tool} {describe_status(status)} while COMMAND ran; "
+                             f"see {self.log_path or 'its output above'}{end}")
+            sys.stderr.flush()
 
         threading.Thread(target=wait, daemon=True, name="proxy-watch").start()
 
     def stop(self) -> None:
         """SIGTERM (replayguard closes its sessions within a few seconds), then SIGKILL if it does not exit."""
-        self.stopping = True
-        if self.proc is None or self.proc.poll() is not None:
-            return
+        with self._lock:
+            if self.stopping:
+                return
+            self.stopping = True
+            if self.proc is None:
+                return
+            if self.proc.poll() is not None:
+                self.died = self.proc.returncode  # before we asked it to stop: it died under COMMAND
+                return
         self.proc.terminate()
         try:
             self.proc.wait(STOP_TIMEOUT)
@@ -592,9 +613,7 @@ def _counts(counter: Counter[str]) -> str:
 
 def render_summary(summary: Summary | None, command: list[str], status: int, killed_by: int | None, proxy: Proxy,
                    trace: Path | None, program: str) -> str:
-    how = f"exited with status {status}"
-    if killed_by is not None:
-        how = f"killed by signal {killed_by} ({signal.Signals(killed_by).name})"
+    how = describe_status(-killed_by if killed_by is not None else status)
     lines = [f"{PROG}: {shlex.join(command)} {how}"]
     if summary is None:
         lines.append("  no trace: nothing to summarize" + (" (tracing was turned off)" if not proxy.trace_option
@@ -619,7 +638,7 @@ def render_summary(summary: Summary | None, command: list[str], status: int, kil
     if proxy.flows:
         lines.append(f"  flows: {proxy.flows}  (open them: mitmweb -r {shlex.quote(proxy.flows)})")
     if proxy.died is not None:
-        lines.append(f"  {proxy.tool} died while COMMAND ran (status {proxy.died})")
+        lines.append(f"  {proxy.tool} {describe_status(proxy.died)} while COMMAND ran: what came after went nowhere")
     return "\n".join(lines)
 
 
