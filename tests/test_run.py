@@ -39,7 +39,6 @@ from modes import ConnectProxy
 from tls import PrivateCA
 
 from replayguard.tools.fake_upstream import FakeUpstream
-from replayguard.tools.harness import ROOT
 
 CODEX = os.environ.get("REPLAYGUARD_CODEX") or shutil.which("codex")
 PROGRAMS = Path(__file__).resolve().parent / "run_programs.py"
@@ -312,7 +311,8 @@ def test_interactive_session_owns_the_terminal(localhost, ca, rules, tmp_path):
     trace = tmp_path / "trace.jsonl"
     term = Terminal(RUN + ["--rules", str(rules), "--trace", str(trace),
                            "--set", f"ssl_verify_upstream_trusted_ca={ca.path}", "--",
-                           sys.executable, str(PROGRAMS), "interactive", f"wss://localhost:{localhost.port}/v1/responses"],
+                           sys.executable, str(PROGRAMS), "interactive",
+                           f"wss://localhost:{localhost.port}/v1/responses"],
                     clean_env(OPENAI_API_KEY=KEY), tmp_path)
     try:
         term.expect(r"tty True True size 111x33")
@@ -530,7 +530,8 @@ def test_bad_set(tmp_path):
     result = subprocess.run(RUN + ["--set", "ssl_insecure", "--", "true"], capture_output=True, text=True,
                             timeout=60, cwd=tmp_path)
     assert result.returncode == 2
-    assert one_line(result) == "replayguard run: --set ssl_insecure: expected OPTION=VALUE, e.g. --set ssl_insecure=true"
+    assert one_line(result) == ("replayguard run: --set ssl_insecure: expected OPTION=VALUE, "
+                                "e.g. --set ssl_insecure=true")
 
 
 # -- the pieces ----------------------------------------------------------------------------------------
@@ -600,8 +601,8 @@ def test_summarize_counts_by_trigger_and_code():
         r("recovery", turn=2, trigger="connection rotated before its age limit"),
         r("turn.start", turn=2), r("recovery", turn=2, trigger="upstream closed"),
         r("turn.end", turn=2, status="completed"),
-        r("turn.start", turn=3), r("fail_close", turn=3, error={"type": "error", "error": {"code": "upstream_unavailable"}},
-                                   close_code=1011),
+        r("turn.start", turn=3),
+        r("fail_close", turn=3, error={"type": "error", "error": {"code": "upstream_unavailable"}}, close_code=1011),
         r("turn.end", turn=3, status="error", error={"status": 502, "code": "upstream_unavailable"}),
         r("turn.start", "s2", turn=1),
         r("turn.end", "s2", turn=1, status="error", error={"status": 500, "code": "server_error"}),

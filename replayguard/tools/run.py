@@ -608,7 +608,8 @@ def _counts(counter: Counter[str]) -> str:
     total = sum(counter.values())
     if not total:
         return "0"
-    return f"{total} — " + "; ".join(f"{name}: {n}" for name, n in sorted(counter.items(), key=lambda i: (-i[1], i[0])))
+    ordered = sorted(counter.items(), key=lambda item: (-item[1], item[0]))  # most first, then by name
+    return f"{total} — " + "; ".join(f"{name}: {n}" for name, n in ordered)
 
 
 def render_summary(summary: Summary | None, command: list[str], status: int, killed_by: int | None, proxy: Proxy,
