@@ -93,6 +93,14 @@ def reproduce(args: argparse.Namespace) -> int:
                keep_text=args.keep_text, timeout=args.timeout)
 
 
+def run(args: argparse.Namespace) -> int:
+    from .tools.run import Options, main as run_command
+
+    options = Options(command=args.run_command, rules=args.rules, trace=args.trace, web=args.web, sets=args.set,
+                      flows=args.flows, log=args.log)
+    return run_command(options, program=program_name())
+
+
 def program_name(argv0: str | None = None) -> str:
     """What the user typed to run us: `replayguard` for the console script, `python -m replayguard` otherwise."""
     name = os.path.basename(argv0 if argv0 is not None else sys.argv[0])
@@ -167,6 +175,25 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--write-test", metavar="PATH", help="write the recording as a compact, redacted fixture and exit")
     r.add_argument("--keep-text", action="store_true", help="with --write-test: keep the message text")
     r.set_defaults(run=reproduce)
+    u = commands.add_parser(
+        "run", help="run COMMAND (codex, an openai SDK program) behind replayguard: proxy, CA and environment set up",
+        usage="%(prog)s [--rules FILE] [--trace FILE|DIR/] [--web] [-w FILE] [--log FILE|-] [--set OPTION=VALUE ...] "
+              "-- COMMAND [ARGS...]",
+        description="Starts mitmdump with replayguard on a free 127.0.0.1 port (regular mode, a fresh CA), runs "
+                    "COMMAND in the foreground with HTTPS_PROXY and the CA variables its clients read set, then "
+                    "stops the proxy and prints a summary of the run's sessions, turns, recoveries and fail-closes. "
+                    "Exit status: COMMAND's (128+N when signal N killed it); 127 COMMAND not found; 2 bad input or "
+                    "a proxy that cannot start.")
+    u.add_argument("--rules", metavar="FILE", help="replayguard rules file (default: rules.yaml beside addon.py)")
+    u.add_argument("--trace", metavar="FILE|DIR/", help="write the chain trace here (default: the run's work dir)")
+    u.add_argument("--web", action="store_true", help="run mitmweb instead of mitmdump (its URL is printed)")
+    u.add_argument("-w", dest="flows", metavar="FILE", help="save the flows to FILE (with --web: the work dir)")
+    u.add_argument("--log", metavar="FILE|-", help="mitmproxy's output (default: a file in the work dir; - for "
+                                                   "this terminal)")
+    u.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                   help="a mitmproxy option, e.g. ssl_verify_upstream_trusted_ca=ca.pem or mode=upstream:URL")
+    u.add_argument("run_command", nargs=argparse.REMAINDER, metavar="COMMAND", help="the program and its arguments")
+    u.set_defaults(run=run)
     args = parser.parse_args(argv)
     return args.run(args)
 
