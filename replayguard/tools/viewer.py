@@ -272,6 +272,13 @@ def _apply(view: SessionView, r: dict[str, Any]) -> None:
         view.end = r.get("reason")
 
 
+def describe(record: dict[str, Any]) -> str | None:
+    """The timeline line one record makes (None for records that make none): for the HTML report."""
+    scratch = SessionView("")
+    _apply(scratch, record)
+    return scratch.timeline[-1][1] if scratch.timeline else None
+
+
 def _context(view: SessionView, turn: TurnView, by_response: dict[str, tuple[SessionView, TurnView]],
              depth: int = 0) -> list[Summary] | None:
     """The input the upstream sees for ``turn`` (None when the chain it names is not in the file)."""
@@ -450,9 +457,11 @@ def _interleave(view: SessionView, s: _Style) -> list[str]:
 
 
 def main(path: str, as_json: bool = False, session: str | None = None, check: bool = False,
-         out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+         out: TextIO = sys.stdout, err: TextIO = sys.stderr, html: str | None = None) -> int:
+    from .sources import trace_records
+
     try:
-        records, warnings = load(path)
+        records, warnings, kind = trace_records(path)
     except ReadError as e:
         err.write(f"replayguard trace: {e}\n")
         return 1
@@ -461,7 +470,18 @@ def main(path: str, as_json: bool = False, session: str | None = None, check: bo
     sessions = build_sessions(records)
     if session is not None:
         sessions = [v for v in sessions if v.id.startswith(session)]
-    if as_json:
+    if html is not None:
+        from .report import render as page
+
+        try:
+            target = Path(html)
+            target.write_text(page(sessions, records, Path(path).name, kind, warnings), encoding="utf-8")
+        except OSError as e:
+            err.write(f"replayguard trace: cannot write {html}: {e.strerror or e}\n")
+            return 1
+        problems = sum(len(v.problems) for v in sessions)
+        out.write(f"wrote {target} ({len(sessions)} sessions, {problems} problems)\n")
+    elif as_json:
         json.dump({"sessions": [v.to_json() for v in sessions]}, out, indent=2, ensure_ascii=False)
         out.write("\n")
     else:
