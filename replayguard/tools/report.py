@@ -226,8 +226,9 @@ def _session(s: _Session) -> str:
              f"{'recovery' if view.recoveries == 1 else 'recoveries'}"
              f"{', <b class=status bad>failed closed</b>' if view.failed_closed else ''}"
              f"{', end: ' + _text(view.end) if view.end else ''}</div>"]
-    ticks = "".join(f"<span class='tick{ {0: " first", 100: " last"}.get(p, "")}' style='left:{p}%'>"
-                    f"+{s.span * p / 100:.2f} s</span>" for p in (0, 25, 50, 75, 100))
+    edge = {0: " first", 100: " last"}
+    ticks = "".join(f"<span class='tick{edge.get(p, '')}' style='left:{p}%'>+{s.span * p / 100:.2f} s</span>"
+                    for p in (0, 25, 50, 75, 100))
     parts.append(f"<div class='axis'><div class='muted'>time since the session started</div>"
                  f"<div class='track'>{ticks}</div></div>")
     starts = [t.ts for t in view.turns]
