@@ -163,4 +163,8 @@ def recording(flows: list[HarFlow], path: str, warnings: list[str]) -> Any:
     sessions = sessions_from_flows(flows)
     if not sessions:
         raise RecordingError(f"{path}: no Responses WebSocket session in this HAR file; {HOW_TO_RECORD}")
+    for session in sessions:
+        for turn in session.turns:
+            if turn.outcome.kind == "connection lost":
+                turn.outcome.close_unknown = True  # a HAR keeps no close code
     return Recording(path, KIND, sessions, None, warnings)
