@@ -84,6 +84,14 @@ def _json(value: Any) -> str:
     return _text(text)
 
 
+def _clock(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+
+
 def _slug(value: Any) -> str:
     return "".join(c if c.isalnum() else "-" for c in str(value)).strip("-").lower() or "unknown"
 
@@ -227,7 +235,7 @@ def _session(s: _Session) -> str:
              f"{', <b class=status bad>failed closed</b>' if view.failed_closed else ''}"
              f"{', end: ' + _text(view.end) if view.end else ''}</div>"]
     edge = {0: " first", 100: " last"}
-    ticks = "".join(f"<span class='tick{edge.get(p, '')}' style='left:{p}%'>+{s.span * p / 100:.2f} s</span>"
+    ticks = "".join(f"<span class='tick{edge.get(p, '')}' style='left:{p}%'>+{_clock(s.span * p / 100)}</span>"
                     for p in (0, 25, 50, 75, 100))
     parts.append(f"<div class='axis'><div class='muted'>time since the session started</div>"
                  f"<div class='track'>{ticks}</div></div>")
