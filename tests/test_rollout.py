@@ -318,3 +318,19 @@ def test_live_through_plain_mitmdump_the_har_shows_codex_reconnecting(fake, tmp_
     assert resend.previous_response_id is None and resend.status == "completed"
     assert [i.get("call_id") for i in resend.input if i.get("call_id")] == ["call_1", "call_1"]
     assert first.recoveries == second.recoveries == 0 and first.problems == second.problems == []
+
+
+@live
+def test_live_through_replayguard_a_drop_mid_response_is_failed_closed_and_codex_resends(fake, mitm, tmp_path):
+    """What `reproduce` shows for drop_mid_response.jsonl is what Codex meets through replayguard: the turn fails
+    closed with upstream_stream_interrupted (part of it had reached Codex), and Codex resends its history."""
+    fake.drop_after_events = 6
+    proxy = mitm(fake)
+    run = run_codex(tmp_path, proxy.url)
+    assert run.returncode == 0, run.stderr
+    proxy.wait_log(r"turn 2: upstream connection dropped after part of the response reached the client -> failed "
+                   r"closed \(close 1011\)")
+    broken, retry = read_rollout(run.rollout).connections
+    assert [r.status for r in broken] == ["connection lost"] and [r.status for r in retry] == ["completed"]
+    (live_fail,) = [r for r in trace_records(proxy.tmp / "trace.jsonl")[0] if r["event"] == "fail_close"]
+    assert live_fail["error"]["error"]["code"] == "upstream_stream_interrupted"
