@@ -170,6 +170,20 @@ def test_reproduce_a_rollout_shows_what_replayguard_does_where_codex_lost_the_re
     assert code == 0 and "connection lost" in out and "#2" in out
 
 
+def test_reproduce_where_codex_gave_up_and_where_its_connection_was_refused():
+    result = reproduce(str(FIXTURES / "gave_up.jsonl"), "--check")
+    assert result.returncode == 1, result.stdout + result.stderr  # replayguard resends what Codex lost
+    assert ("DIFFERS session 1 (" in result.stdout and "turn 1: recorded connection lost (how is not recorded) | "
+            "reproduced resent (upstream connection dropped)" in result.stdout)
+    assert "Codex kept 0 output items: reproduced as a TCP drop before the first event" in result.stdout
+    code, out, _ = trace(FIXTURES / "fallback_502.jsonl")
+    assert code == 0 and "turn 1   -  refused" in out and "! handshake refused: HTTP 502 (open)" in out
+    result = reproduce(str(FIXTURES / "fallback_502.jsonl"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "open  same     handshake refused: HTTP 502     handshake refused: HTTP 502" in result.stdout
+    assert "fallback to HTTPS: reproduced as a refused WebSocket handshake" in result.stdout
+
+
 def test_reproduce_a_clean_rollout_and_an_upstream_error():
     result = reproduce(str(FIXTURES / "tool_call.jsonl"), "--check")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -334,3 +348,18 @@ def test_live_through_replayguard_a_drop_mid_response_is_failed_closed_and_codex
     assert [r.status for r in broken] == ["connection lost"] and [r.status for r in retry] == ["completed"]
     (live_fail,) = [r for r in trace_records(proxy.tmp / "trace.jsonl")[0] if r["event"] == "fail_close"]
     assert live_fail["error"]["error"]["code"] == "upstream_stream_interrupted"
+
+
+@live
+def test_live_through_replayguard_a_mute_upstream_ends_in_codexs_https_fallback(fake, mitm, tmp_path):
+    """Every upstream connection silent: replayguard fails each WebSocket attempt closed; Codex falls back to HTTPS,
+    which mitmdump answers 502 (the fake speaks WebSocket only), and that is the one error its rollout keeps."""
+    fake.mute = True
+    proxy = mitm(fake)
+    run = run_codex(tmp_path, proxy.url, provider="stream_max_retries = 0\nrequest_max_retries = 0")
+    assert run.returncode != 0 and "Falling back from WebSockets to HTTPS transport" in run.stderr
+    assert "replayguard: no event within first event timeout" in run.stderr  # seen on stderr, not kept
+    keep(run.rollout, "fallback_502")
+    (request,) = read_rollout(run.rollout).requests
+    assert (request.status, request.http_status) == ("refused", 502)
+    assert "first event timeout" not in run.rollout.read_text()

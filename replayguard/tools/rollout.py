@@ -345,7 +345,7 @@ def records(rollout: Rollout) -> list[dict[str, Any]]:
             elif request.error_text is not None:
                 end["error"] = {"status": request.http_status, "code": None, "message": request.error_text}
             if request.status == "connection lost":
-                end["event_types"] = kept_events(request.outputs)
+                end["event_types"] = kept_events(request.outputs) if request.outputs else []
                 kept = len(request.outputs)
                 detail = (f"Codex kept {kept} output item{'s' if kept != 1 else ''}"
                           + (f", then retried {request.gap:g} s later" if request.gap is not None else "")
@@ -380,7 +380,8 @@ def notes(rollout: Rollout) -> list[str]:
                        f"{'; ' + repr(request.error_text) if request.error_text else ''}); Codex kept {kept} output "
                        f"item{'s' if kept != 1 else ''}"
                        + (f" and retried {request.gap:g} s later" if request.gap is not None else "")
-                       + f": reproduced as a TCP drop after them; {HOW_TO_RECORD}")
+                       + (": reproduced as a TCP drop after them" if kept else
+                          ": reproduced as a TCP drop before the first event") + f"; {HOW_TO_RECORD}")
         elif request.status == "refused":
             out.append(f"{where}: Codex's last error was HTTP {request.http_status} ({(request.error_text or '')[:120]}"
                        f"); the rollout does not say whether it came on the WebSocket or on Codex's fallback to "
@@ -393,13 +394,16 @@ def recording(rollout: Rollout) -> Any:
     from .recording import Failure, Recording, sessions_from_records
 
     sessions = sessions_from_records(records(rollout))
-    broken = {(rollout.session(r.connection), r.number): r for r in rollout.requests if r.status == "connection lost"}
+    by_turn = {(rollout.session(r.connection), r.number): r for r in rollout.requests}
     for session in sessions:
+        # A request whose connection was refused never went out on a WebSocket: the refusal is the session's.
+        session.turns = [t for t in session.turns if by_turn[(session.id, t.number)].status != "refused"]
         for turn in session.turns:
-            request = broken.get((session.id, turn.number))
-            if request is not None:
+            request = by_turn[(session.id, turn.number)]
+            if request.status == "connection lost":
                 turn.outcome.close_unknown = True
-                turn.events = kept_events(request.outputs)
+                # Codex had the kept items whole, so the events before them; with none, nothing is known to have come.
+                turn.events = kept_events(request.outputs) if request.outputs else []
                 turn.failures.append(Failure("drop", after=len(turn.events),
                                              how="the rollout does not say how: reproduced as a TCP drop"))
     return Recording(rollout.path, KIND, sessions, rollout.stopped, notes(rollout) + rollout.warnings)
