@@ -29,12 +29,13 @@ class CodexRun:
 
 
 def run_codex(tmp: Path, url: str, prompt: str = "please run TOOL ls", provider: str = "",
-              timeout: float = 180) -> CodexRun:
+              timeout: float = 180, resume: bool = False) -> CodexRun:
     """`codex exec PROMPT` with the provider at ``url`` (ws:// or http://, the server's root) over WebSocket.
     ``provider`` adds lines to the provider block (e.g. ``stream_idle_timeout_ms = 3000``). Codex's approval policy
-    is `never` and its sandbox read-only in exec mode: the fake model's `ls` runs, offline."""
+    is `never` and its sandbox read-only in exec mode: the fake model's `ls` runs, offline. ``resume``: `codex exec
+    resume --last PROMPT` in the same CODEX_HOME (it appends to the last session's file)."""
     home = tmp / "codex-home"
-    home.mkdir(parents=True)
+    home.mkdir(parents=True, exist_ok=resume)
     (home / "config.toml").write_text(f'''model = "demo-model"
 model_provider = "local"
 
@@ -51,6 +52,7 @@ supports_websockets = true
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     env.update(CODEX_HOME=str(home), DEMO_API_KEY=KEY)
     assert CODEX is not None
-    result = subprocess.run([CODEX, "exec", "--skip-git-repo-check", prompt], cwd=work, env=env,
+    command = [CODEX, "exec", "--skip-git-repo-check", *(["resume", "--last"] if resume else []), prompt]
+    result = subprocess.run(command, cwd=work, env=env,
                             capture_output=True, text=True, timeout=timeout)
     return CodexRun(result.returncode, result.stdout, result.stderr, home)

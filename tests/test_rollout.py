@@ -363,3 +363,17 @@ def test_live_through_replayguard_a_mute_upstream_ends_in_codexs_https_fallback(
     (request,) = read_rollout(run.rollout).requests
     assert (request.status, request.http_status) == ("refused", 502)
     assert "first event timeout" not in run.rollout.read_text()
+
+
+@live
+def test_live_a_resumed_session_continues_on_a_new_connection_with_its_whole_history(fake, tmp_path):
+    first = run_codex(tmp_path, fake.url)
+    again = run_codex(tmp_path, fake.url, prompt="now say hello", resume=True)
+    assert first.returncode == again.returncode == 0, again.stderr
+    assert again.rollout == first.rollout  # appended to the same file
+    before, after = read_rollout(again.rollout).connections
+    assert [r.status for r in before] == ["completed", "completed"]
+    (resumed,) = after
+    sent = wire(fake)[-1]  # on the resumed process's connection, after its warm-up
+    assert sent["previous_response_id"] != before[-1].response_id and resumed.previous_response_id is None
+    assert resumed.input == sent["input"]  # the whole history and the new message, item for item

@@ -15,14 +15,14 @@ are sampled through them.
 
 So requests are rebuilt as Codex sends them on WebSocket (observed on the wire): chained with
 ``previous_response_id`` on the previous response of the connection, the history since then as input; after a
-response that broke off or an error, on a new connection, with the whole history and no ``previous_response_id``.
+response that broke off or an error, and for a task after a finished one (``codex exec resume`` appends to the same
+file), on a new connection, with the whole history and no ``previous_response_id``.
 Each such connection is a session of its own (``<session id>#N``), as a flow file would show it.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -31,8 +31,6 @@ from typing import Any
 from ..core.messages import parse
 from ..core.pairing import OUTPUT_CALLS
 from ..core.records import Bodies, error_fields, summarize_item, summarize_items
-
-log = logging.getLogger(__name__)
 
 KIND = "codex rollout"
 LINE_TYPES = frozenset({"session_meta", "turn_context", "world_state", "response_item", "event_msg",
@@ -49,8 +47,11 @@ class RolloutError(Exception):
 
 def looks_like_rollout(first: Any) -> bool:
     """The first JSON line of a file is a Codex rollout line."""
-    return (isinstance(first, dict) and first.get("type") in LINE_TYPES and "payload" in first
-            and "timestamp" in first)
+    return _is_line(first) and first.get("type") in LINE_TYPES
+
+
+def _is_line(obj: Any) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get("type"), str) and "payload" in obj and "timestamp" in obj
 
 
 # -- the model ---------------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def read_rollout(path: str | Path, text: str | None = None) -> Rollout:
         if not line.strip():
             continue
         obj = parse(line)
-        if not looks_like_rollout(obj):
+        if not _is_line(obj):
             if number == last:
                 rollout.stopped = f"line {number} is half-written: the rollout stops there"
             else:
@@ -183,6 +184,7 @@ class _Reader:
         self.chain: Request | None = None  # the last completed request of the current connection
         self.last_ts = 0.0
         self.pending_ts: float | None = None  # when the last input item was added: the request went after it
+        self.task_done = False  # a task_complete came since the last task_started
 
     def feed(self, line: dict[str, Any]) -> None:
         ts = _ts(line.get("timestamp")) or self.last_ts
@@ -194,8 +196,6 @@ class _Reader:
         if not isinstance(payload, dict):
             return
         if kind == "session_meta":
-            if self.r.requests:  # Codex started again on this file (resumed): a new process, a new connection
-                self._reconnect()
             self.r.session_id = str(payload.get("id") or payload.get("session_id") or self.r.session_id)
             self.r.cli_version = payload.get("cli_version") or self.r.cli_version
             self.r.originator = payload.get("originator") or self.r.originator
@@ -210,9 +210,14 @@ class _Reader:
             request.usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else None
             request.status, request.ended = "completed", ts
             self.chain = request if request.response_id else None
-        elif kind == "event_msg" and payload.get("type") == "task_complete" and isinstance(payload.get("error"),
-                                                                                           dict):
-            self._failed(payload["error"], ts)
+        elif kind == "event_msg" and payload.get("type") == "task_complete":
+            if isinstance(payload.get("error"), dict):
+                self._failed(payload["error"], ts)
+            self.task_done = True
+        elif kind == "event_msg" and payload.get("type") == "task_started":
+            if self.task_done and self.r.requests:  # a task after a finished one (`codex exec resume`): Codex
+                self._reconnect()  # opens a new connection and sends its whole history
+            self.task_done = False
 
     def _item(self, payload: dict[str, Any], metadata: dict[str, Any], ts: float) -> None:
         item = _wire(payload)
