@@ -83,7 +83,7 @@ def trace_records(path: str | Path) -> tuple[list[dict[str, Any]], list[str], st
 
 def read_recording(path: str | Path) -> Any:
     """A :class:`replayguard.tools.recording.Recording` from any file reproduce reads (raises RecordingError)."""
-    from .recording import RecordingError, read_recording as read_own
+    from .recording import HOW_TO_RECORD, RecordingError, read_recording as read_own
 
     p = Path(path)
     try:
@@ -99,6 +99,10 @@ def read_recording(path: str | Path) -> Any:
     if kind == har.KIND:
         flows, warnings = har.read_har(doc)
         return har.recording(flows, str(p), warnings)
+    if kind == TRACE and data.strip() and not any(
+            isinstance(r, dict) and isinstance(r.get("event"), str) for r in map(parse, data.splitlines())):
+        raise RecordingError(f"{p}: not a recording replayguard reads (a chain trace, a flow file, a fixture, a "
+                             f"Codex session file or a HAR export); {HOW_TO_RECORD}")
     return read_own(p)
 
 
