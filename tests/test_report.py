@@ -188,3 +188,18 @@ def test_a_hostile_recording_draws_as_text(browser, tmp_path):
     assert "<script>document.title='pwned'</script>" in page.eval("document.body.textContent")  # shown as text
     assert page.eval("document.querySelectorAll('details.item.orphaned').length") == 1
     assert page.eval(DRAWN)["dangling"] == []
+
+
+def test_a_huge_request_draws_its_ends_and_every_orphan(tmp_path):
+    """A client resending its whole history: at most 100 items of a request are drawn, never hiding an ORPHANED one."""
+    items = [{"type": "message", "role": "user"}] * 250 + [{"type": "function_call_output", "call_id": "call_x"}] + \
+        [{"type": "message", "role": "user"}] * 249
+    source = tmp_path / "huge.jsonl"
+    source.write_text("".join(json.dumps({"ts": ts, "session": "s", **r}) + "\n" for ts, r in enumerate([
+        {"event": "session.start", "url": "ws://h/v1/responses"},
+        {"event": "turn.start", "turn": 1, "input": items},
+        {"event": "turn.end", "turn": 1, "status": "error", "output": [], "ms": 1}], 1)))
+    html = write_page(source, tmp_path / "huge.html")
+    assert html.count("<details class='item") == 100 + 1 + 1  # 100 drawn, the orphan, the turn's JSON
+    assert html.count("<span class='orphan-badge'>ORPHANED</span>") == 1 and "call_x" in html
+    assert "… 200 items left out" in html and "… 199 items left out" in html

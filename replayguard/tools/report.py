@@ -21,6 +21,7 @@ from ..core.redact import scrub
 from .viewer import SessionView, TurnView, describe
 
 MAX_JSON = 20_000  # characters of one item's JSON shown; the rest is counted
+MAX_CHIPS = 100  # items of one request drawn
 # record event -> (marker class, symbol, what it is)
 MARKERS = {
     "recovery": ("replay", "↻", "replayed"),
@@ -128,6 +129,32 @@ def _items(turn_items: list[dict[str, Any]], full: Any) -> list[Any]:
     return turn_items
 
 
+def _cap(pairs: list[tuple[dict[str, Any], Any]], keep: Any) -> list[tuple[dict[str, Any], Any]]:
+    """At most MAX_CHIPS items of a request drawn, and every item ``keep`` says must be (an ORPHANED output): a
+    client resending its whole history every turn would otherwise make the page grow with the square of the
+    session. The first and last half are kept; runs of items left out are counted in their place."""
+    if len(pairs) <= MAX_CHIPS:
+        return pairs
+    half = MAX_CHIPS // 2
+    out, run = pairs[:half], 0
+    for pair in pairs[half:-half]:
+        if keep(pair[0]):
+            if run:
+                out.append(({"type": "…", "omitted": run}, None))
+            out.append(pair)
+            run = 0
+        else:
+            run += 1
+    if run:
+        out.append(({"type": "…", "omitted": run}, None))
+    return out + pairs[-half:]
+
+
+def _orphaned(s: _Session, summary: dict[str, Any]) -> bool:
+    call = s.view.calls.get(summary.get("call_id")) if isinstance(summary.get("call_id"), str) else None
+    return summary.get("type") in OUTPUT_CALLS and call is not None and call.state == "ORPHANED"
+
+
 def _chip(s: _Session, summary: dict[str, Any], item: Any, side: str, turn: TurnView) -> str:
     kind = summary.get("type")
     call_id = summary.get("call_id")
@@ -135,7 +162,7 @@ def _chip(s: _Session, summary: dict[str, Any], item: Any, side: str, turn: Turn
     if summary.get("role"):
         label += f" <span class='muted'>{_text(summary['role'])}</span>"
     if summary.get("omitted"):
-        label = f"… {_text(summary['omitted'])} items left out"
+        return f"<span class='gap muted'>… {_text(summary['omitted'])} items left out</span>"
     classes, anchor, extra = ["item"], "", ""
     call = s.view.calls.get(call_id) if isinstance(call_id, str) else None
     if kind in CALL_TYPES and isinstance(call_id, str):
@@ -201,7 +228,8 @@ def _turn_row(s: _Session, turn: TurnView, events: list[tuple[dict[str, Any], st
         for n, (r, line) in enumerate(events) for cls, symbol, _ in [_marker_class(r)])
     inputs = _items(turn.input, (start.get("body") or {}).get("input") if isinstance(start.get("body"), dict) else None)
     outputs = _items(turn.output, end.get("output_items"))
-    chips = [_chip(s, summary, item, "in", turn) for summary, item in zip(turn.input, inputs)]
+    chips = [_chip(s, summary, item, "in", turn) for summary, item in _cap(list(zip(turn.input, inputs)),
+                                                                            lambda i: _orphaned(s, i))]
     chips.append("<span class='sep'>→</span>")
     chips += [_chip(s, summary, item, "out", turn) for summary, item in zip(turn.output, outputs)] or [
         "<span class='muted'>no output</span>"]
@@ -210,8 +238,7 @@ def _turn_row(s: _Session, turn: TurnView, events: list[tuple[dict[str, Any], st
         f"<li id='{s.turn_id(turn.number)}-e{n}' class='ev-{cls}'><details><summary>{_text(line)}</summary>"
         f"<pre>{_json(r)}</pre></details></li>"
         for n, (r, line) in enumerate(events) for cls, symbol, _ in [_marker_class(r)])
-    orphaned = any(s.view.calls.get(i.get("call_id")) is not None and s.view.calls[i["call_id"]].state == "ORPHANED"
-                   and i.get("type") in OUTPUT_CALLS for i in turn.input)
+    orphaned = any(_orphaned(s, i) for i in turn.input)
     return (f"<div class='turn{' orphaned' if orphaned else ''}' id='{s.turn_id(turn.number)}' "
             f"data-turn='{_text(turn.number)}' data-status='{_text(status)}'>"
             f"<div class='label'><b>turn {_text(turn.number)}</b> <span class='rid'>{_text(turn.response_id or '-')}"
