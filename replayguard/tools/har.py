@@ -1,7 +1,7 @@
-"""HAR files with WebSocket messages: mitmproxy's own export (``--set hardump=FILE``, mitmweb's Export) and Chrome
-DevTools' "Save all as HAR" both keep a WebSocket entry's frames in ``_webSocketMessages`` (``type`` send or
-receive, ``time`` in Unix seconds, ``opcode`` 1 text or 2 binary in base64, ``data``). Each such entry is read as a
-flow: the same turns, call pairing and diagnosis as a flow file, and the same reproduction.
+"""HAR files with WebSocket messages: mitmproxy's own export (``--set hardump=FILE``, the ``save.har`` command)
+keeps a WebSocket entry's frames in ``_webSocketMessages`` (``type`` send or receive, ``time`` in Unix seconds,
+``opcode`` 1 text or 2 binary in base64, ``data``), the form Chrome DevTools' "Save all as HAR" uses. Each such
+entry is read as a flow: the same turns, call pairing and diagnosis as a flow file, and the same reproduction.
 
 What a HAR loses against a flow file: mitmproxy's ``injected`` mark (replayguard's own records are still told
 apart, by their ``{"type": "replayguard.<record>"`` head, in either direction), the close code and who closed, and the flow's metadata. An
