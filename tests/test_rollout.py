@@ -377,3 +377,17 @@ def test_live_a_resumed_session_continues_on_a_new_connection_with_its_whole_his
     sent = wire(fake)[-1]  # on the resumed process's connection, after its warm-up
     assert sent["previous_response_id"] != before[-1].response_id and resumed.previous_response_id is None
     assert resumed.input == sent["input"]  # the whole history and the new message, item for item
+
+
+@live
+def test_live_through_replayguard_a_silent_upstream_is_only_a_wait_in_the_rollout(fake, mitm, tmp_path):
+    """Silent after the tool call: replayguard finds it by its first-event timeout (2 s in the tests' rules) and
+    replays; Codex never notices, and its rollout shows only the wait, in the next response's duration."""
+    fake.blackhole_after_responses = 2  # the warm-up and the tool call
+    proxy = mitm(fake)
+    run = run_codex(tmp_path, proxy.url)
+    assert run.returncode == 0, run.stderr
+    proxy.wait_log(r"turn 3: no event within first event timeout .* -> replay")
+    (view_,) = sessions(run.rollout)
+    assert [t.status for t in view_.turns] == ["completed", "completed"] and view_.timeline == []
+    assert view_.turns[1].ms >= 2000
