@@ -154,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     r = commands.add_parser(
         "reproduce", help="run a recorded session again offline and compare the outcomes turn by turn",
         description="Reads a chain trace written with trace.bodies: full, a mitmproxy flow file (mitmdump -w), a "
-                    "fixture (--write-test), a Codex CLI rollout or a HAR export, and runs it again: the fake upstream answers each turn as recorded and "
-                    "fails where the upstream failed, mitmdump runs the recording's rules, and a client sends the "
-                    "recorded messages. Exit status: 0 every turn had the recorded outcome, 1 a turn differs, 2 the "
-                    "recording cannot be reproduced.")
+                    "fixture (--write-test), a Codex CLI rollout or a HAR export, and runs it again: the fake "
+                    "upstream answers each turn as recorded and fails where the upstream failed, mitmdump runs the "
+                    "recording's rules, and a client sends the recorded messages. Exit status: 0 every turn had the "
+                    "recorded outcome, 1 a turn differs, 2 the recording cannot be reproduced.")
     r.add_argument("recording", help="trace (.jsonl), flow file, fixture (.json), Codex rollout or HAR file")
     r.add_argument("--check", action="store_true", help="print only the differences and the summary (for CI)")
     r.add_argument("--against", choices=["replayguard", "plain"], default="replayguard",

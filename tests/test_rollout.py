@@ -44,8 +44,9 @@ def sessions(path: Path) -> list[Any]:
 
 
 def shape(view_: Any) -> list[tuple[Any, ...]]:
-    return [(t.number, t.status, t.previous_response_id is not None,
-             [(i.get("type"), i.get("call_id")) for i in t.input], [(i.get("type"), i.get("call_id")) for i in t.output])
+    def kinds(items: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
+        return [(i.get("type"), i.get("call_id")) for i in items]
+    return [(t.number, t.status, t.previous_response_id is not None, kinds(t.input), kinds(t.output))
             for t in view_.turns]
 
 

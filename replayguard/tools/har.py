@@ -3,10 +3,10 @@ keeps a WebSocket entry's frames in ``_webSocketMessages`` (``type`` send or rec
 ``opcode`` 1 text or 2 binary in base64, ``data``), the form Chrome DevTools' "Save all as HAR" uses. Each such
 entry is read as a flow: the same turns, call pairing and diagnosis as a flow file, and the same reproduction.
 
-What a HAR loses against a flow file: mitmproxy's ``injected`` mark (replayguard's own records are still told
-apart, by their ``{"type": "replayguard.<record>"`` head, in either direction), the close code and who closed, and the flow's metadata. An
-entry is written when its WebSocket ended (mitmproxy writes it at ``websocket_end``), so a turn without its end is
-one whose connection was lost.
+What a HAR loses against a flow file: mitmproxy's ``injected`` mark (replayguard's own records are still told apart,
+by their ``{"type": "replayguard.<record>"`` head, in either direction), the close code and who closed, and the
+flow's metadata. An entry is written when its WebSocket ended (mitmproxy writes it at ``websocket_end``), so a turn
+without its end is one whose connection was lost.
 """
 
 from __future__ import annotations

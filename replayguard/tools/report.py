@@ -170,7 +170,8 @@ def _chip(s: _Session, summary: dict[str, Any], item: Any, side: str, turn: Turn
         if side == "out":
             anchor = f" id='{s.call_ref(call_id)}-call'"
         if call is not None and call.answer:
-            extra = f" <a class='call-link to-output' href='#{s.call_ref(call_id)}-output'>→ output in {_text(call.answer)}</a>"
+            extra = (f" <a class='call-link to-output' href='#{s.call_ref(call_id)}-output'>"
+                     f"→ output in {_text(call.answer)}</a>")
     elif kind in OUTPUT_CALLS and isinstance(call_id, str):
         classes.append("output")
         anchor = f" id='{s.call_ref(call_id)}-output'"
@@ -179,7 +180,8 @@ def _chip(s: _Session, summary: dict[str, Any], item: Any, side: str, turn: Turn
             classes.append("orphaned")
             extra = "<span class='orphan-badge'>ORPHANED</span>"
         if call is not None and call.call:
-            extra += f" <a class='call-link to-call' href='#{s.call_ref(call_id)}-call'>← call in {_text(call.call)}</a>"
+            extra += (f" <a class='call-link to-call' href='#{s.call_ref(call_id)}-call'>"
+                      f"← call in {_text(call.call)}</a>")
         elif not orphaned:
             extra += " <span class='muted'>(its call is not in this file)</span>"
     return (f"<details class='{' '.join(classes)}'{anchor} data-type='{_text(kind)}'>"
@@ -243,7 +245,8 @@ def _turn_row(s: _Session, turn: TurnView, events: list[tuple[dict[str, Any], st
             f"data-turn='{_text(turn.number)}' data-status='{_text(status)}'>"
             f"<div class='label'><b>turn {_text(turn.number)}</b> <span class='rid'>{_text(turn.response_id or '-')}"
             f"</span>{chain}<br><span class='status{' bad' if bad else ''}'>{_text(status)}</span> {ms}"
-            f"<details class='item record'><summary>JSON</summary><pre>{_json(record_json)}</pre></details>{error}</div>"
+            f"<details class='item record'><summary>JSON</summary><pre>{_json(record_json)}</pre></details>"
+            f"{error}</div>"
             f"<div class='track'><div class='bar st-{_slug(status)}' style='left:{begin:.3f}%;"
             f"width:{max(finish - begin, 0.4):.3f}%'></div>{markers}</div>"
             f"<div class='items'>{''.join(chips)}</div>"
@@ -286,7 +289,8 @@ def _session(s: _Session) -> str:
             ref = s.call_ref(call.call_id)
             called = f"<a href='#{ref}-call'>{_text(call.call)}</a>" if call.call else "?"
             answered = f"<a href='#{ref}-output'>{_text(call.answer)}</a>" if call.answer else "-"
-            rows.append(f"<tr class='{'orphaned' if call.state == 'ORPHANED' else ''}' data-call='{_text(call.call_id)}'>"
+            state = "orphaned" if call.state == "ORPHANED" else ""
+            rows.append(f"<tr class='{state}' data-call='{_text(call.call_id)}'>"
                         f"<td class='rid'>{_text(call.call_id)}</td><td>{called}</td><td>{answered}</td>"
                         f"<td>{_text(call.state)}</td></tr>")
         parts.append("<table class='calls'><tr><th>call_id</th><th>called in</th><th>answered in</th><th>state</th>"

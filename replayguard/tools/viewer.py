@@ -382,9 +382,14 @@ def _upstream_said(view: SessionView, turn: TurnView, where_called: dict[str, st
     call_id = found.group(1)
     elsewhere = where_called.get(call_id)
     if found.re is _NO_CALL:
-        where = (f"its call is in {elsewhere}, which this request chains on: the upstream did not have that part "
-                 f"of the chain (it lost the connection-local response, or something between sent the output "
-                 f"without its call)" if elsewhere else "no call with this call_id anywhere in the session")
+        if elsewhere is None:
+            where = "no call with this call_id anywhere in the session"
+        elif turn.chains_on is None:
+            where = f"its call is in {elsewhere}, which this request does not chain on"
+        else:
+            where = (f"its call is in {elsewhere}, which this request chains on: the upstream did not have that part "
+                     f"of the chain (it lost the connection-local response, or something between sent the output "
+                     f"without its call)")
         view.problems.append(f"turn {turn.number}: the upstream answered \"{message}\"; {where}")
         view.calls.setdefault(call_id, CallView(call_id, call=elsewhere, answer=f"turn {turn.number} input"))
         view.calls[call_id].state = "ORPHANED"
