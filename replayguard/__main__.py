@@ -67,7 +67,7 @@ def _header(text: str) -> str:
 def trace(args: argparse.Namespace) -> int:
     from .tools.viewer import main as view
 
-    return view(args.file, as_json=args.json, session=args.session, check=args.check)
+    return view(args.file, as_json=args.json, session=args.session, check=args.check, html=args.html)
 
 
 def soak(args: argparse.Namespace) -> int:
@@ -138,14 +138,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="for the handshake and for each event (default 30)")
     c.set_defaults(run=client)
     t = commands.add_parser(
-        "trace", help="show a chain trace or a mitmproxy flow file as per-session timelines, with a diagnosis",
-        description="Reads a replayguard trace (--set replayguard_trace=FILE) or a mitmproxy flow file "
-                    "(mitmdump -w FILE). Exit status: 0, or 1 when the file cannot be read, or 2 with --check "
-                    "when a chain problem was found.")
+        "trace", help="show a recording (trace, flow file, fixture, Codex rollout, HAR) as per-session timelines, "
+                      "with a diagnosis",
+        description="Reads a replayguard trace (--set replayguard_trace=FILE), a mitmproxy flow file "
+                    "(mitmdump -w FILE), a fixture (reproduce --write-test), a Codex CLI session file "
+                    "($CODEX_HOME/sessions/.../rollout-*.jsonl) or a HAR export (mitmdump --set hardump=FILE, "
+                    "a browser's Save as HAR), told apart by content. Exit status: 0, or 1 when the file cannot be "
+                    "read, or 2 with --check when a chain problem was found.")
     t.add_argument("file")
     t.add_argument("--json", action="store_true", help="the sessions, turns, calls and problems as JSON")
     t.add_argument("--session", metavar="ID", help="only the session whose id starts with ID")
     t.add_argument("--check", action="store_true", help="exit 2 when a problem (orphaned call_id, ...) is found")
+    t.add_argument("--html", metavar="FILE", help="write the chain as one self-contained HTML page to FILE")
     t.set_defaults(run=trace)
     k = commands.add_parser("soak", help="concurrent tool-call sessions through a randomly failing upstream")
     k.add_argument("--sessions", type=int, default=100)
@@ -157,12 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(run=bench)
     r = commands.add_parser(
         "reproduce", help="run a recorded session again offline and compare the outcomes turn by turn",
-        description="Reads a chain trace written with trace.bodies: full, a mitmproxy flow file (mitmdump -w) or a "
-                    "fixture (--write-test), and runs it again: the fake upstream answers each turn as recorded and "
-                    "fails where the upstream failed, mitmdump runs the recording's rules, and a client sends the "
-                    "recorded messages. Exit status: 0 every turn had the recorded outcome, 1 a turn differs, 2 the "
-                    "recording cannot be reproduced.")
-    r.add_argument("recording", help="trace (.jsonl), flow file, or fixture (.json)")
+        description="Reads a chain trace written with trace.bodies: full, a mitmproxy flow file (mitmdump -w), a "
+                    "fixture (--write-test), a Codex CLI rollout or a HAR export, and runs it again: the fake "
+                    "upstream answers each turn as recorded and fails where the upstream failed, mitmdump runs the "
+                    "recording's rules, and a client sends the recorded messages. Exit status: 0 every turn had the "
+                    "recorded outcome, 1 a turn differs, 2 the recording cannot be reproduced.")
+    r.add_argument("recording", help="trace (.jsonl), flow file, fixture (.json), Codex rollout or HAR file")
     r.add_argument("--check", action="store_true", help="print only the differences and the summary (for CI)")
     r.add_argument("--against", choices=["replayguard", "plain"], default="replayguard",
                    help="plain: through mitmdump without replayguard, to see what happens without it")

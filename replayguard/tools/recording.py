@@ -76,6 +76,7 @@ class Outcome:
     code: str | None = None  # the error code (failed closed, client error) or HTTP status (refused)
     close: int | None = None  # the close code (failed closed, connection lost)
     note: str = ""  # shown, never compared
+    close_unknown: bool = False  # the recording does not say how the connection closed (a Codex rollout)
 
     def key(self) -> tuple[Any, ...]:
         """What two outcomes must share to be the same."""
@@ -93,6 +94,7 @@ class Outcome:
             text = f"client error: {self.code}"
         elif self.kind == "connection lost":
             text = f"connection lost: {'close ' + str(self.close) if self.close is not None else 'no close frame'}"
+            text = "connection lost (how is not recorded)" if self.close_unknown else text
         elif self.kind == "refused":
             text = f"handshake refused: HTTP {self.code}"
         else:
@@ -444,6 +446,14 @@ def _read_flows(data: bytes, path: str) -> Recording:
         where = f" ({stopped})" if stopped else ""
         raise RecordingError(f"{path}: no Responses WebSocket session in this flow file{where}; {HOW_TO_RECORD}")
     return recording
+
+
+def sessions_from_flows(flows: Iterable[Any]) -> list[RecordedSession]:
+    """Sessions from WebSocket flows read from elsewhere (a HAR export): objects with :class:`_Flow`'s fields."""
+    records: list[dict[str, Any]] = []
+    for flow in sorted(flows, key=lambda f: f.started):
+        records.extend(_flow_records(flow))
+    return sessions_from_records(records)
 
 
 def _convert(flow: Any) -> _Flow | None:

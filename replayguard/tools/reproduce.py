@@ -1,13 +1,14 @@
 """`replayguard reproduce RECORDING`: run a recorded session again, offline, and compare the outcomes turn by turn.
 
-The recording (a chain trace with full bodies, a mitmproxy flow file, or a fixture from ``--write-test``) is read
-into a model (:mod:`replayguard.tools.recording`). The fake upstream is scripted with it: every turn is answered with
-the recorded output items and usage, in the recorded event order, and the upstream's own failures happen at the same
-turn and the same point within it. A real mitmdump runs addon.py in reverse mode in front of the fake, with the
-recording's rules (so the faults replayguard injected by rule are injected again by the same rules), and a client
-sends the recorded client messages in order, one session after another, chained on the new response ids. What the
-client gets for each turn (completed, replayed, failed closed, a client error, the connection lost) is compared with
-what the recording says it got: a recording becomes a regression test.
+The recording (a chain trace with full bodies, a mitmproxy flow file, a fixture from ``--write-test``, a Codex CLI
+rollout or a HAR export) is read into a model (:mod:`replayguard.tools.recording`). The fake upstream is scripted
+with it: every turn is answered with the recorded output items and usage, in the recorded event order, and the
+upstream's own failures happen at the same turn and the same point within it. A real mitmdump runs addon.py in
+reverse mode in front of the fake, with the recording's rules (so the faults replayguard injected by rule are
+injected again by the same rules), and a client sends the recorded client messages in order, one session after
+another, chained on the new response ids. What the client gets for each turn (completed, replayed, failed closed, a
+client error, the connection lost) is compared with what the recording says it got: a recording becomes a regression
+test.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ from .fake_upstream import Answer, Break, FakeUpstream, Script, ScriptedTurn
 from .harness import ROOT, Mitmdump
 from .recording import (
     Failure, Outcome, Recording, RecordedSession, RecordedTurn, RecordingError, error_code,
-    read_recording, sessions_from_records, to_fixture,
+    sessions_from_records, to_fixture,
 )
+from .sources import read_recording  # every format, told apart by content
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,10 @@ class Row:
 
     @property
     def same(self) -> bool:
-        return self.recorded.key() == self.reproduced.key()
+        recorded, reproduced = self.recorded.key(), self.reproduced.key()
+        if self.recorded.close_unknown:  # any close code (or none) is the recorded outcome
+            recorded, reproduced = recorded[:3], reproduced[:3]
+        return recorded == reproduced
 
 
 @dataclass

@@ -9,6 +9,7 @@ it, to find the call_id a "No tool call found ..." or "No tool output found ..."
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,18 +29,17 @@ class ReadError(Exception):
 
 
 def load(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Records from a trace (JSON Lines) or a flow file, and warnings about what was skipped."""
-    p = Path(path)
-    try:
-        head = p.open("rb").read(64)
-    except OSError as e:
-        raise ReadError(f"cannot read {p}: {e.strerror or e}") from None
-    if head.lstrip()[:1] in (b"{", b""):
-        text = p.read_text(encoding="utf-8", errors="replace")
-        records, bad = read_records(text.splitlines())
-        warnings = [f"{p}: skipped line {n}: not a whole trace record" for n in bad]
-        return records, warnings
-    return records_from_flows(p), []
+    """Records from any file `trace` reads (a trace, a flow file, a fixture, a Codex rollout, a HAR export: told
+    apart by content, see :mod:`replayguard.tools.sources`), and warnings about what was skipped."""
+    from .sources import trace_records
+
+    records, warnings, _ = trace_records(path)
+    return records, warnings
+
+
+def read_trace(path: Path, text: str) -> tuple[list[dict[str, Any]], list[str]]:
+    records, bad = read_records(text.splitlines())
+    return records, [f"{path}: skipped line {n}: not a whole trace record" for n in bad]
 
 
 def records_from_flows(path: str | Path) -> list[dict[str, Any]]:
@@ -58,19 +58,28 @@ def records_from_flows(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _flow_records(flow: Any) -> list[dict[str, Any]]:
-    """The session's records: replayguard's own (kept in the flow: connections, recoveries, faults, fail-closes),
-    and the turns rebuilt from the messages the client really sent and received."""
-    session = flow.id
-    kept = records_in_flow(flow.websocket.messages)
+    ws = flow.websocket
     url = flow.metadata.get("replayguard_upstream") or flow.request.pretty_url.replace("http", "ws", 1)
+    end = ws.timestamp_end or (ws.messages[-1].timestamp if ws.messages else 0)
+    reason = (f"closed by {'client' if ws.closed_by_client else 'server'}" if ws.close_code is not None else "open")
+    return flow_records(flow.id, url, ws.messages, flow.timestamp_created, end, ws.close_code, reason)
+
+
+def flow_records(session: str, url: str, messages: list[Any], created: float, ended: float,
+                 close_code: int | None, reason: str, source: str = "flow") -> list[dict[str, Any]]:
+    """The records of one WebSocket session, however its messages were saved (a flow file, a HAR export; each
+    message has ``from_client``, ``content``, ``timestamp`` and ``injected``): replayguard's own (kept in the flow:
+    connections, recoveries, faults, fail-closes), and the turns rebuilt from the messages the client really sent
+    and received, with the whole requests and output items (``body``, ``output_items``) for the HTML report."""
+    kept = records_in_flow(messages)
     out: list[dict[str, Any]] = [r for r in kept if r["event"] not in ("session.start", "session.end")]
     start = next((r for r in kept if r["event"] == "session.start"), None)
-    out.insert(0, {**(start or {"ts": flow.timestamp_created, "session": session, "event": "session.start",
-                                "url": redact_url(url)}), "source": "flow"})
+    out.insert(0, {**(start or {"ts": created, "session": session, "event": "session.start",
+                                "url": redact_url(url)}), "source": source})
     completed = failed = 0
-    for turn in turns_in_flow(flow.websocket.messages):
+    for turn in turns_in_flow(messages):
         out.append({"ts": turn.started, "session": session, "event": "turn.start", "turn": turn.number,
-                    "conn": None, **turn_start_fields(turn.request, turn.size, Bodies.SUMMARY)})
+                    "conn": None, **turn_start_fields(turn.request, turn.size, Bodies.SUMMARY), "body": turn.request})
         if turn.terminal is None:
             continue
         kind = turn.terminal.get("type")
@@ -80,21 +89,18 @@ def _flow_records(flow: Any) -> list[dict[str, Any]]:
                   "status": status, "response_id": turn.response_id,
                   "previous_response_id": turn.request.get("previous_response_id"),
                   "output": [summarize_item(i, Bodies.SUMMARY) for i in turn.outputs],
-                  "ms": round((turn.ended - turn.started) * 1000, 1)}
+                  "output_items": turn.outputs, "ms": round((turn.ended - turn.started) * 1000, 1)}
         if isinstance(response.get("usage"), dict):
             record["usage"] = response["usage"]
         if kind == "error":
             record["error"] = error_fields(turn.terminal)
+            record["error_event"] = turn.terminal
         out.append(record)
         completed += status == "completed"
         failed += status != "completed"
-    ws = flow.websocket
     end = next((r for r in kept if r["event"] == "session.end"), None)
-    out.append(end or {"ts": ws.timestamp_end or (flow.websocket.messages[-1].timestamp if ws.messages else 0),
-                       "session": session, "event": "session.end", "turns_completed": completed,
-                       "turns_failed": failed, "close_code": ws.close_code,
-                       "reason": f"closed by {'client' if ws.closed_by_client else 'server'}"
-                       if ws.close_code is not None else "open"})
+    out.append(end or {"ts": ended, "session": session, "event": "session.end", "turns_completed": completed,
+                       "turns_failed": failed, "close_code": close_code, "reason": reason})
     out.sort(key=lambda r: r.get("ts") or 0)
     return out
 
@@ -236,16 +242,20 @@ def _apply(view: SessionView, r: dict[str, Any]) -> None:
         detail = r.get("detail")
         if isinstance(detail, dict):
             detail = detail.get("code") or detail.get("message")
-        view.timeline.append((ts, f"! upstream #{r.get('conn')} lost {where}: {r.get('how')} ({detail})"))
+        conn = f" #{r['conn']}" if r.get("conn") is not None else ""
+        seen = " (seen by the client)" if r.get("by") == "client" else ""
+        view.timeline.append((ts, f"! upstream{conn} lost {where}{seen}: {r.get('how')} ({detail})"))
     elif event == "recovery":
         view.recoveries += 1
         turn = _turn(view, r.get("turn"))
         removed = r.get("removed_previous_response_id")
-        what = f"{r.get('items')} items" + (f", previous_response_id {removed} removed" if removed else "")
+        what = ", ".join(filter(None, [f"{r['items']} items" if r.get("items") is not None else "",
+                                       f"previous_response_id {removed} removed" if removed else ""]))
         action = str(r.get("action", ""))
         verb = "replayed" if action.startswith("replay") else "resent"
-        view.timeline.append((ts, f"↻ turn {r.get('turn')} {verb} on upstream #{r.get('to_conn')} "
-                                  f"after {r.get('trigger')} ({what})"))
+        on = f" on upstream #{r['to_conn']}" if r.get("to_conn") is not None else ""
+        view.timeline.append((ts, f"↻ turn {r.get('turn')} {verb}{on} after {r.get('trigger')}"
+                                  f"{' (' + what + ')' if what else ''}"))
         if turn is not None and r.get("input") is not None:
             turn.replayed_input = _summaries(r["input"])
     elif event == "fail_close":
@@ -260,6 +270,13 @@ def _apply(view: SessionView, r: dict[str, Any]) -> None:
                                   f"{r.get('detail')}"))
     elif event == "session.end":
         view.end = r.get("reason")
+
+
+def describe(record: dict[str, Any]) -> str | None:
+    """The timeline line one record makes (None for records that make none): for the HTML report."""
+    scratch = SessionView("")
+    _apply(scratch, record)
+    return scratch.timeline[-1][1] if scratch.timeline else None
 
 
 def _context(view: SessionView, turn: TurnView, by_response: dict[str, tuple[SessionView, TurnView]],
@@ -326,6 +343,7 @@ def _diagnose(view: SessionView, by_response: dict[str, tuple[SessionView, TurnV
                 call.answer = f"turn {turn.number} input"
                 call.state = "paired"
         contexts = [("request", _context(view, turn, by_response))]
+        reported = len(view.problems)
         if turn.replayed_input is not None:
             contexts.append(("replay", turn.replayed_input))
         for label, context in contexts:
@@ -345,6 +363,40 @@ def _diagnose(view: SessionView, by_response: dict[str, tuple[SessionView, TurnV
                     f"{hint}")
                 if call_id in view.calls:
                     view.calls[call_id].state = "ORPHANED"
+        if len(view.problems) == reported:
+            _upstream_said(view, turn, where_called)
+
+
+_NO_CALL = re.compile(r"No tool call found for function call output with call_id (\S+?)\.?$")
+_NO_OUTPUT = re.compile(r"No tool output found for function call (\S+?)\.?$")
+
+
+def _upstream_said(view: SessionView, turn: TurnView, where_called: dict[str, str]) -> None:
+    """The upstream rejected the turn over a call_id although the chain in this file pairs it: the upstream did not
+    have the chain the request names (a client's own session file shows its history, not what reached the
+    upstream)."""
+    message = str((turn.error or {}).get("message") or "")
+    found = _NO_CALL.search(message) or _NO_OUTPUT.search(message)
+    if found is None:
+        return
+    call_id = found.group(1)
+    elsewhere = where_called.get(call_id)
+    if found.re is _NO_CALL:
+        if elsewhere is None:
+            where = "no call with this call_id anywhere in the session"
+        elif turn.chains_on is None:
+            where = f"its call is in {elsewhere}, which this request does not chain on"
+        else:
+            where = (f"its call is in {elsewhere}, which this request chains on: the upstream did not have that part "
+                     f"of the chain (it lost the connection-local response, or something between sent the output "
+                     f"without its call)")
+        view.problems.append(f"turn {turn.number}: the upstream answered \"{message}\"; {where}")
+        view.calls.setdefault(call_id, CallView(call_id, call=elsewhere, answer=f"turn {turn.number} input"))
+        view.calls[call_id].state = "ORPHANED"
+    else:
+        view.problems.append(f"turn {turn.number}: the upstream answered \"{message}\"; the call is "
+                             f"{'in ' + elsewhere if elsewhere else 'not in this file'}, and this request carries "
+                             f"no output for it")
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -410,9 +462,11 @@ def _interleave(view: SessionView, s: _Style) -> list[str]:
 
 
 def main(path: str, as_json: bool = False, session: str | None = None, check: bool = False,
-         out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+         out: TextIO = sys.stdout, err: TextIO = sys.stderr, html: str | None = None) -> int:
+    from .sources import trace_records
+
     try:
-        records, warnings = load(path)
+        records, warnings, kind = trace_records(path)
     except ReadError as e:
         err.write(f"replayguard trace: {e}\n")
         return 1
@@ -421,7 +475,18 @@ def main(path: str, as_json: bool = False, session: str | None = None, check: bo
     sessions = build_sessions(records)
     if session is not None:
         sessions = [v for v in sessions if v.id.startswith(session)]
-    if as_json:
+    if html is not None:
+        from .report import render as page
+
+        try:
+            target = Path(html)
+            target.write_text(page(sessions, records, Path(path).name, kind, warnings), encoding="utf-8")
+        except OSError as e:
+            err.write(f"replayguard trace: cannot write {html}: {e.strerror or e}\n")
+            return 1
+        problems = sum(len(v.problems) for v in sessions)
+        out.write(f"wrote {target} ({len(sessions)} sessions, {problems} problems)\n")
+    elif as_json:
         json.dump({"sessions": [v.to_json() for v in sessions]}, out, indent=2, ensure_ascii=False)
         out.write("\n")
     else:
