@@ -160,18 +160,28 @@ class FakeUpstream:
         return f"{'wss' if self.ssl_context else 'ws'}://{self.host}:{self.port}"
 
     def start(self) -> "FakeUpstream":
+        """Listen; an OSError of the listening socket (port in use, unknown host) is raised here, as is."""
         ready = threading.Event()
+        failed: list[OSError] = []
 
         def run() -> None:
             self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(self._start())
-            ready.set()
+            try:
+                self._loop.run_until_complete(self._start())
+            except OSError as e:
+                failed.append(e)
+                self._loop.close()
+                return
+            finally:
+                ready.set()
             self._loop.run_forever()
 
         self._thread = threading.Thread(target=run, daemon=True, name="fake-upstream")
         self._thread.start()
         if not ready.wait(10):
             raise RuntimeError("fake upstream did not start")
+        if failed:
+            raise failed[0]
         return self
 
     async def _start(self) -> None:

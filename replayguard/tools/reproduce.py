@@ -598,6 +598,9 @@ def main(path: str, *, check: bool = False, against: str = "replayguard", policy
     except (RecordingError, ReproduceError) as e:
         err.write(f"replayguard reproduce: {e}\n")
         return 2
+    except OSError as e:  # --keep, --trace or --write-test names a place that cannot be written
+        err.write(f"replayguard reproduce: cannot write {e.filename}: {e.strerror or e}\n")
+        return 2
     if not result.rows:
         render(result, out, check)
         err.write("replayguard reproduce: nothing was reproduced: the recording has no complete turn\n")
