@@ -228,11 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(run=trace)
 
     k = command(
-        "soak", "concurrent tool-call sessions through a randomly failing upstream; about 3 minutes",
+        "soak", "concurrent tool-call sessions through a randomly failing upstream; about 30 s",
         "SESSIONS concurrent tool-call sessions of TURNS turns through a real mitmdump with replayguard, while the "
         "fake upstream closes, drops, silences and refuses connections at random (under --seed) and the clients "
-        "leave mid-turn, present another key's response id and go silent. Runs about 3 minutes at the defaults on "
-        "2 cores (the CI size, --sessions 20 --turns 10, about 40 s). Exit status 1 unless nothing was lost, "
+        "leave mid-turn, present another key's response id and go silent. Runs about 30 s at the defaults on 2 "
+        "cores (22 s measured), longer with more sessions or turns. Exit status 1 unless nothing was lost, "
         "crossed or leaked.")
     k.add_argument("--sessions", type=_count, default=100, help="concurrent sessions")
     k.add_argument("--turns", type=_count, default=20, help="turns per session")
