@@ -24,6 +24,7 @@ from .bridge import Bridge
 from .clock import CLOCK
 from .commands import SessionCommands
 from .destination import Destination, destination_of
+from .exposure import exposed
 from .flowview import MARK_FAILED, FlowView
 from .live import Live, Match
 from .reporting import SessionLog
@@ -190,6 +191,7 @@ class ReplayGuard:
         self.flows.pop(flow.id, None)
 
     def running(self) -> None:
+        self._warn_if_exposed()
         self.router.ensure_last()
         if self.alarm is None:
             self.alarm = DescriptorAlarm(asyncio.get_running_loop())
@@ -248,6 +250,14 @@ class ReplayGuard:
             raise SystemExit(1)
         log.error("replayguard: handling no flow until the rules file is fixed (it is watched)")
         self._rules_seen = self._signature()
+
+    @staticmethod
+    def _warn_if_exposed() -> None:
+        """One warning at startup when mitmproxy listens beyond loopback (its default: every interface)."""
+        listeners = exposed(ctx.options)
+        if listeners:
+            log.warning("replayguard: mitmproxy listens beyond this machine on %s: anyone who reaches it can use the "
+                        "API keys that pass through; --listen-host 127.0.0.1 keeps it local", ", ".join(listeners))
 
     # -- rules reload ------------------------------------------------------------------------------
     def _use(self, rules: Rules) -> None:
