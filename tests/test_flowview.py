@@ -181,7 +181,8 @@ def test_commands_reach_live_sessions_through_mitmproxys_command_machinery():
         assert "into 1 session(s)" in result and session.injected[0].code == 4001
         commands.call_strings("replayguard.fault", ["@all", "drop"])  # the other flow is no session: skipped
         assert [r.kind for r in session.injected] == [FaultKind.CLOSE, FaultKind.DROP]
-        with pytest.raises(exceptions.CommandError, match="Invalid choice"):
+        with pytest.raises(exceptions.CommandError,
+                           match="unknown fault kind 'melt': one of close, drop, blackhole, refuse, error, delay"):
             commands.call_strings("replayguard.fault", [f"@{live_flow.id}", "melt"])
         with pytest.raises(exceptions.CommandError, match="none of these flows is a live replayguard session"):
             commands.call_strings("replayguard.fault", [f"@{other.id}", "drop"])

@@ -144,3 +144,44 @@ def test_a_real_browser_shows_the_upstream_url_in_the_flow_list(web, fake, tmp_p
         DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copy(shot, DOCS_SCREENSHOT)
     client.close()
+
+
+def readme_curl() -> str:
+    """The README's curl lines for mitmweb's commands."""
+    from test_readme import fenced_blocks
+
+    (block,) = [text for lang, text in fenced_blocks() if lang == "sh" and "/commands/replayguard.sessions" in text]
+    return block
+
+
+def json_values(text: str) -> list[Any]:
+    decoder, values, index = json.JSONDecoder(), [], 0
+    while index < len(text.strip()):
+        value, index = decoder.raw_decode(text, index)
+        values.append(value)
+        while index < len(text) and text[index].isspace():
+            index += 1
+    return values
+
+
+def test_the_readme_curl_commands_pass_mitmwebs_checks(web, fake):
+    if shutil.which("curl") is None:
+        pytest.skip("curl not installed")
+    client = Client(f"ws://127.0.0.1:{web.port}/v1/responses", headers=AUTH)
+    completed(client.turn({"model": "m", "store": False, "input": [user("hi")]}))
+    (flow,) = [f for f in web.flows() if f.get("websocket")]
+    script = (readme_curl().replace("8081", str(web.web_port)).replace("@<flow id>", f"@{flow['id']}")
+              .replace("TOKEN=...", f"TOKEN={web.token or ''}"))
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    sessions, fault = json_values(out.stdout)
+    assert len(sessions["value"]) == 1 and flow["id"] in sessions["value"][0], sessions
+    assert fault == {"value": f"injected drop upstream TCP (command) into 1 session(s): {flow['id']}"}, fault
+    wrong = script.replace('"drop"]', '"melt"]')
+    again = json_values(subprocess.run(["bash", "-c", wrong], capture_output=True, text=True, timeout=60).stdout)
+    assert again[-1] == {"error": "unknown fault kind 'melt': one of close, drop, blackhole, refuse, error, delay"}
+    # Without the XSRF pair mitmweb refuses, as the README says.
+    bare = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
+                           f"http://127.0.0.1:{web.web_port}/commands/replayguard.sessions",
+                           "-H", f"Authorization: Bearer {web.token or ''}"], capture_output=True, text=True, timeout=60)
+    assert bare.stdout == "403"
+    client.close()

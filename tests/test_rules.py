@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 from mitmproxy.test import tflow
 
+from replayguard.core.records import Bodies
 from replayguard.core.recovery import Policy
 from replayguard.proxy.rules import (
+    DEFAULT_MATCH,
     DEFAULT_RULES,
     LimitRules,
     MatchRule,
@@ -165,7 +168,6 @@ MISTAKES = [
     ("unknown-section", MATCH + "\nretry:\n  max: 1\n", 4,
      r"unknown section 'retry'; expected one of match, upstream, recovery, limits, trace, client, faults$"),
     ("non-scalar-top-key", MATCH + "? [a]\n: 1\n", 3, r"the top level: keys must be plain names"),
-    ("missing-match", "upstream:\n  ping_idle: 1\n", 1, r"missing 'match'"),
     ("section-not-mapping", MATCH + "upstream: 5\n", 3, r"section 'upstream' must be a mapping"),
     ("unknown-upstream-key", MATCH + "upstream:\n  ping_idle: 5\n  ping_timout: 1\n", 5,
      r"unknown key upstream\.ping_timout; expected one of ping_idle, ping_timeout, keepalive_interval, "
@@ -250,19 +252,81 @@ def test_mistakes_report_file_line_and_reason(tmp_path, text, line, reason):
         parse_rules(text, "cfg.yaml")
 
 
-@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n# and another\n"], ids=["empty", "blank", "comments"])
-def test_empty_file(tmp_path, text):
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n# and another\n", "---\n"],
+                         ids=["empty", "blank", "comments", "empty-document"])
+def test_a_file_that_states_nothing_keeps_every_default(tmp_path, text):
     path = write(tmp_path, text)
+    assert load_rules(path) == replace(load_rules(), source=str(path))
+
+
+# -- a rules file states only what it changes ---------------------------------------------------------------------
+def test_the_defaults_are_the_shipped_file():
+    assert load_rules() == Rules(source=str(SHIPPED))
+    assert load_rules().match == DEFAULT_MATCH
+
+
+def test_a_file_without_match_keeps_the_default_match(tmp_path):
+    path = write(tmp_path, "trace: {bodies: full}\n")
+    rules = load_rules(path)
+    assert rules.trace.bodies is Bodies.FULL
+    assert rules == replace(load_rules(), trace=rules.trace, source=str(path))
+    assert rules.matches("api.openai.com", "/v1/responses") and not rules.matches("example.com", "/")
+
+
+def test_only_the_keys_given_change(tmp_path):
+    path = write(tmp_path, "recovery:\n  policy: strict\nclient:\n  pong_timeout: 5\n")
+    rules, shipped = load_rules(path), load_rules()
+    assert rules.recovery == replace(shipped.recovery, policy=Policy.STRICT)
+    assert rules.client == replace(shipped.client, pong_timeout=5)
+    assert (rules.match, rules.upstream, rules.limits, rules.trace, rules.faults) == (
+        shipped.match, shipped.upstream, shipped.limits, shipped.trace, shipped.faults)
+
+
+def test_an_empty_match_list_still_means_match_nothing():
+    assert parse_rules("match: []\n").match == ()
+
+
+# -- every mistake at once -----------------------------------------------------------------------------------------
+def test_every_mistake_of_a_file_is_reported_at_once(tmp_path):
+    path = write(tmp_path, (
+        "match:\n"
+        "  - host: api.openai.com\n"
+        "    paht: /v1/responses\n"             # 3
+        "  - filter: '~q ~~~'\n"                # 4
+        "upstream:\n"
+        "  ping_idle: soon\n"                   # 6
+        "  ping_timeout: 1\n"
+        "  rotation_ag: 60\n"                   # 8
+        "recovery:\n"
+        "  policy: lenient\n"                   # 10
+        "retry: 3\n"                            # 11
+        "faults:\n"
+        "  - kind: drop\n"                      # 13: no after_turn
+        "  - kind: close\n"
+        "    after_turn: 1\n"
+        "    seconds: 2\n"                      # 16
+        "trace:\n"
+        "  bodies: everything\n"                # 18
+    ))
     with pytest.raises(RulesError) as info:
         load_rules(path)
-    assert info.value.line is None
-    assert str(info.value) == f"{path}: the file is empty; it needs at least a 'match' list"
+    err = info.value
+    assert [line for line, _ in err.problems] == [3, 4, 6, 8, 10, 11, 13, 16, 18]
+    text = str(err).splitlines()
+    assert len(text) == 9 and all(line.startswith(f"{path}:") for line in text)
+    assert text[0] == f"{path}:3: unknown key match.paht; expected one of host, path, filter"
+    assert text[2] == f"{path}:6: upstream.ping_idle: expected a number >= 0, got 'soon'"
+    assert text[5].startswith(f"{path}:11: unknown section 'retry'")
+    assert text[6] == f"{path}:13: fault drop: needs after_turn (a turn number) or probability (0..1)"
+    assert text[8] == f"{path}:18: trace.bodies: expected one of none, summary, full, got 'everything'"
+    assert (err.line, err.reason) == (3, "unknown key match.paht; expected one of host, path, filter")
+    assert err.lines() == text
 
 
-def test_explicit_empty_document():
-    # "---" alone is a document holding null, not an empty stream
-    with pytest.raises(RulesError, match=r"^f\.yaml:\d+: the top level must be a mapping$"):
-        parse_rules("---\n", "f.yaml")
+def test_invalid_yaml_is_one_mistake_the_parser_stops_at():
+    with pytest.raises(RulesError) as info:
+        parse_rules("upstream:\n  ping_idle: 1\n\tping_timeout: 2\nrecovery: [\n", "f.yaml")
+    assert len(info.value.problems) == 1 and info.value.line == 3
 
 
 def test_missing_file(tmp_path):

@@ -197,3 +197,25 @@ def test_flow_file_diagnoses_the_orphaned_call(fake, mitm, tmp_path):
             in result.stdout)
     assert "its call is in turn 1 output, which this request does not chain on" in result.stdout
     assert "[ORPHANED]" in result.stdout
+
+
+def test_a_warm_up_turn_is_named_as_such(tmp_path):
+    """Codex's first turn is a response.create with generate: false: it prepares the connection and its response
+    has no output; the viewer says so instead of an empty output."""
+    records_ = [
+        rec("session.start", 0, url="ws://h/v1/responses"),
+        rec("turn.start", 1, turn=1, previous_response_id=None, generate=False,
+            input=[{"type": "message", "role": "developer"}]),
+        rec("turn.end", 2, turn=1, status="completed", response_id="resp_w", output=[], ms=3),
+        rec("turn.start", 3, turn=2, previous_response_id="resp_w", generate=True, input=[MSG]),
+        rec("turn.end", 4, turn=2, status="completed", response_id="resp_2", output=[call("call_a")], ms=6),
+    ]
+    code, out, _ = run(records_, tmp_path)
+    assert code == 0
+    assert "2 turns (2 completed, 1 warm-up), 0 recoveries" in out
+    assert ("turn 1   resp_w  completed  3 ms  warm-up (generate: false: prepares the connection, generates "
+            "nothing; in: message)") in out
+    assert "turn 2   resp_2 <- turn 1  completed  6 ms  in: message  out: function_call(call_a)" in out
+    assert "out: -" not in out
+    code, out, _ = run(records_, tmp_path, "--json")
+    assert [t["generate"] for t in json.loads(out)["sessions"][0]["turns"]] == [False, True]

@@ -1,9 +1,10 @@
 """Error events and close codes replayguard sends to clients when it fails closed.
 
 Events have the upstream's own shape, so every client that handles upstream errors handles ours. The code
-is chosen for what a real client does with it (measured with Codex CLI 0.169): status 400 with code
-previous_response_not_found, or a 5xx of type server_error, makes it reconnect and resend its full history;
-any other 400, a 429 or code server_is_overloaded ends its run.
+is chosen for what a real client does with it (measured with Codex CLI 0.169 and 0.171, tests/test_codex_cli.py):
+status 400 with code previous_response_not_found, or a 5xx of type server_error, makes it reconnect and resend its
+full history; any other 400, a 429 or code server_is_overloaded ends its run. The openai SDKs hand the event to the
+application instead (the README's "What each client does with them" has the few lines that resend).
 
 | situation                                  | status | type                  | code                          | close |
 |--------------------------------------------|--------|-----------------------|-------------------------------|-------|

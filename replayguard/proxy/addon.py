@@ -25,6 +25,7 @@ from .bridge import Bridge
 from .clock import CLOCK
 from .commands import SessionCommands
 from .destination import Destination, destination_of
+from .exposure import exposed
 from .flowview import MARK_FAILED, FlowView
 from .live import Live, Match
 from .reporting import SessionLog
@@ -90,10 +91,12 @@ class ReplayGuard:
             try:
                 rules = load_rules(ctx.options.replayguard_rules or None)
             except RulesError as e:
-                raise OptionsError(f"replayguard: bad rules file: {e}") from None
-            self._use(rules)
-            self._rules_seen = self._signature()
-            log.info("replayguard: rules from %s (policy %s)", rules.source, rules.recovery.policy.value)
+                self._refuse_rules(e)  # raises, exits, or leaves replayguard idle until the file is fixed
+                rules = None
+            if rules is not None:
+                self._use(rules)
+                self._rules_seen = self._signature()
+                log.info("replayguard: rules from %s (policy %s)", rules.source, rules.recovery.policy.value)
         if "replayguard_trace" in updated:
             self._open_trace(ctx.options.replayguard_trace)
         self.tls = _tls_settings(ctx.options)
@@ -210,6 +213,7 @@ class ReplayGuard:
         self.flows.pop(flow.id, None)
 
     def running(self) -> None:
+        self._warn_if_exposed()
         self.router.ensure_last()
         if self.alarm is None:
             self.alarm = DescriptorAlarm(asyncio.get_running_loop())
@@ -274,6 +278,31 @@ class ReplayGuard:
         except OSError as e:
             raise OptionsError(f"replayguard: cannot write trace file {path}: {e.strerror or e}") from None
         log.info("replayguard: writing chain trace to %s", writer.path)
+
+    def _refuse_rules(self, error: RulesError) -> None:
+        """A rules file with mistakes. Once rules are in force (the option set at runtime), it is refused and the
+        last good rules stay. Without any: mitmproxy would log an OptionsError raised while it loads the script
+        inside a traceback and, at startup, go on to say it listens before exiting; so each mistake is logged as
+        one line instead, and at startup the process exits now, with status 1. replayguard loaded into a running
+        mitmproxy stays idle (matches nothing) until the watched file is fixed."""
+        loader = ctx.master.addons.get("scriptloader")
+        if self.rules is not None or loader is None:
+            raise OptionsError(f"replayguard: bad rules file: {error}") from None
+        for line in error.lines():
+            log.error("replayguard: bad rules file: %s", line)
+        if not getattr(loader, "is_running", True):
+            log.error("replayguard: not starting: fix the rules file (every mistake is listed above)")
+            raise SystemExit(1)
+        log.error("replayguard: handling no flow until the rules file is fixed (it is watched)")
+        self._rules_seen = self._signature()
+
+    @staticmethod
+    def _warn_if_exposed() -> None:
+        """One warning at startup when mitmproxy listens beyond loopback (its default: every interface)."""
+        listeners = exposed(ctx.options)
+        if listeners:
+            log.warning("replayguard: mitmproxy listens beyond this machine on %s: anyone who reaches it can use the "
+                        "API keys that pass through; --listen-host 127.0.0.1 keeps it local", ", ".join(listeners))
 
     # -- rules reload ------------------------------------------------------------------------------
     def _use(self, rules: Rules) -> None:

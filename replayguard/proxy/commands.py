@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import mitmproxy.types
 from mitmproxy import command, exceptions, flow
 
 from ..core.faults import FaultKind, FaultRule, InjectedError
@@ -68,11 +67,11 @@ class SessionCommands:
         return [k.value for k in FaultKind]
 
     @command.command("replayguard.fault")
-    @command.argument("kind", type=mitmproxy.types.Choice("replayguard.kinds"))
     def fault(self, flows: Sequence[flow.Flow], kind: str, value: str = "") -> str:
         """Inject a fault into the live replayguard sessions of these flows now: close [CODE], drop, blackhole,
         refuse [STATUS[:COUNT]], error [previous_response_not_found|websocket_connection_limit_reached|
-        server_error], delay [SECONDS]."""
+        server_error], delay [SECONDS]. (KIND is checked here, not typed as a mitmproxy Choice, so that a wrong
+        one is answered with the kinds instead of mitmproxy's bare 'Invalid choice.'; replayguard.kinds lists them.)"""
         rule = fault_rule(kind, value)
         done = []
         for f in flows:

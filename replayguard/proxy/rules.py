@@ -1,6 +1,8 @@
 """rules.yaml: which flows replayguard handles and how it recovers them.
 
-Loading validates every key against a schema and reports the first mistake as ``file:line: reason``.
+A rules file states only what it changes: every key it leaves out, ``match`` included, keeps the default (the
+shipped rules.yaml states every default). Loading validates every key against a schema and reports every mistake
+at once, each as ``file:line: reason``.
 """
 
 from __future__ import annotations
@@ -23,10 +25,18 @@ DEFAULT_RULES = Path(__file__).resolve().parents[2] / "rules.yaml"  # beside add
 
 
 class RulesError(ValueError):
-    def __init__(self, path: str, line: int | None, reason: str) -> None:
+    """The mistakes of one rules file, in file order: ``problems`` holds (line, reason) for each; ``line`` and
+    ``reason`` are the first's. Its text is one ``file:line: reason`` line per mistake."""
+
+    def __init__(self, path: str, line: int | None, reason: str,
+                 more: tuple[tuple[int | None, str], ...] = ()) -> None:
         self.path, self.line, self.reason = path, line, reason
-        where = f"{path}:{line}" if line is not None else path
-        super().__init__(f"{where}: {reason}")
+        self.problems = [(line, reason), *more]
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        return [f"{self.path}:{line}: {reason}" if line is not None else f"{self.path}: {reason}"
+                for line, reason in self.problems]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +103,17 @@ class TraceRules:
     bodies: Bodies = Bodies.SUMMARY
 
 
+# The shipped rules.yaml's match list (tests/test_rules.py checks that they agree).
+DEFAULT_MATCH = (
+    MatchRule(host="api.openai.com", path="/v1/responses"),
+    MatchRule(host="chatgpt.com", path="/backend-api/codex/responses"),
+    MatchRule(path="*/responses"),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Rules:
-    match: tuple[MatchRule, ...]
+    match: tuple[MatchRule, ...] = DEFAULT_MATCH
     upstream: UpstreamRules = UpstreamRules()
     recovery: RecoveryRules = RecoveryRules()
     limits: LimitRules = LimitRules()
@@ -278,17 +296,42 @@ def _line(node: yaml.Node) -> int:
     return node.start_mark.line + 1
 
 
-def _mapping(node: yaml.Node, path: str, what: str) -> list[tuple[yaml.ScalarNode, yaml.Node]]:
+class _Problems:
+    """The mistakes found so far in one file; validation goes on past each, so that all are reported at once."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.found: list[tuple[int | None, str]] = []
+
+    def add(self, line: int | None, reason: str) -> None:
+        self.found.append((line, reason))
+
+    def check(self) -> None:
+        if self.found:
+            first, *more = sorted(self.found, key=lambda p: p[0] or 0)  # stable: one line's mistakes keep their order
+            raise RulesError(self.path, first[0], first[1], tuple(more))
+
+
+def _mapping(node: yaml.Node, problems: _Problems, what: str) -> list[tuple[yaml.ScalarNode, yaml.Node]] | None:
+    """The usable (key, value) pairs of a mapping; None when it is not one. Odd and duplicate keys are reported."""
     if not isinstance(node, yaml.MappingNode):
-        raise RulesError(path, _line(node), f"{what} must be a mapping")
+        problems.add(_line(node), f"{what} must be a mapping")
+        return None
     seen: set[str] = set()
-    for key, _ in node.value:
+    pairs = []
+    for key, value in node.value:
         if not isinstance(key, yaml.ScalarNode):
-            raise RulesError(path, _line(key), f"{what}: keys must be plain names")
-        if key.value in seen:
-            raise RulesError(path, _line(key), f"{what}: duplicate key {key.value!r}")
-        seen.add(key.value)
-    return node.value  # type: ignore[return-value]
+            problems.add(_line(key), f"{what}: keys must be plain names")
+        elif key.value in seen:
+            problems.add(_line(key), f"{what}: duplicate key {key.value!r}")
+        else:
+            seen.add(key.value)
+            pairs.append((key, value))
+    return pairs
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
 
 
 def _value(node: yaml.Node) -> Any:
@@ -311,6 +354,8 @@ def _compile_filter(expr: str) -> Any:
 
 
 def parse_rules(text: str, path: str = "<rules>") -> Rules:
+    """The rules a file states, over the defaults; a RulesError with every mistake (YAML that does not parse stops
+    at its first)."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
@@ -319,76 +364,97 @@ def parse_rules(text: str, path: str = "<rules>") -> Rules:
     except yaml.reader.ReaderError as e:  # a character YAML does not allow (control characters)
         line = text.count("\n", 0, e.position) + 1
         raise RulesError(path, line, f"invalid YAML: {str(e).splitlines()[0]}") from None
-    if root is None:
-        raise RulesError(path, None, "the file is empty; it needs at least a 'match' list")
-    match: tuple[MatchRule, ...] | None = None
+    if root is None or _is_null(root):  # nothing but comments: nothing changed
+        return Rules(source=path)
+    problems = _Problems(path)
     sections: dict[str, Any] = {}
-    for key, value in _mapping(root, path, "the top level"):
+    for key, value in _mapping(root, problems, "the top level") or []:
         name = key.value
         if name == "match":
-            match = _parse_match(value, path)
+            match = _parse_match(value, problems)
+            if match is not None:
+                sections["match"] = match
         elif name == "faults":
-            sections["faults"] = _parse_faults(value, path)
+            sections["faults"] = _parse_faults(value, problems)
         elif name in SECTIONS:
-            cls, checks = SECTIONS[name]
-            kwargs = {}
-            if isinstance(value, yaml.ScalarNode) and value.tag == "tag:yaml.org,2002:null":
-                sections[name] = cls()  # every key commented out: the defaults
-                continue
-            for k, v in _mapping(value, path, f"section {name!r}"):
-                check = checks.get(k.value)
-                if check is None:
-                    raise RulesError(path, _line(k), f"unknown key {name}.{k.value}; expected one of {', '.join(checks)}")
-                try:
-                    kwargs[k.value] = check(_value(v))
-                except ValueError as e:
-                    raise RulesError(path, _line(v), f"{name}.{k.value}: {e}") from None
-            sections[name] = cls(**kwargs)
+            sections[name] = _parse_section(name, value, problems)
         else:
             known = ", ".join(["match", *SECTIONS, "faults"])
-            raise RulesError(path, _line(key), f"unknown section {name!r}; expected one of {known}")
-    if match is None:
-        raise RulesError(path, _line(root), "missing 'match': a list of {host, path, filter} matchers")
-    return Rules(match=match, source=path, **sections)
+            problems.add(_line(key), f"unknown section {name!r}; expected one of {known}")
+    problems.check()
+    return Rules(source=path, **sections)
 
 
-def _parse_match(node: yaml.Node, path: str) -> tuple[MatchRule, ...]:
+def _parse_section(name: str, node: yaml.Node, problems: _Problems) -> Any:
+    cls, checks = SECTIONS[name]
+    kwargs = {}
+    if _is_null(node):
+        return cls()  # every key commented out: the defaults
+    for k, v in _mapping(node, problems, f"section {name!r}") or []:
+        check = checks.get(k.value)
+        if check is None:
+            problems.add(_line(k), f"unknown key {name}.{k.value}; expected one of {', '.join(checks)}")
+            continue
+        try:
+            kwargs[k.value] = check(_value(v))
+        except ValueError as e:
+            problems.add(_line(v), f"{name}.{k.value}: {e}")
+    return cls(**kwargs)
+
+
+def _parse_match(node: yaml.Node, problems: _Problems) -> tuple[MatchRule, ...] | None:
     if not isinstance(node, yaml.SequenceNode):
-        raise RulesError(path, _line(node), "match must be a list of {host, path, filter} matchers")
+        problems.add(_line(node), "match must be a list of {host, path, filter} matchers")
+        return None
     rules = []
     for entry in node.value:
+        pairs = _mapping(entry, problems, "a match entry")
+        if pairs is None:
+            continue
         fields: dict[str, Any] = {}
-        for k, v in _mapping(entry, path, "a match entry"):
+        bad = False
+        for k, v in pairs:
             check = MATCH_KEYS.get(k.value)
             if check is None:
-                raise RulesError(path, _line(k), f"unknown key match.{k.value}; expected one of {', '.join(MATCH_KEYS)}")
+                problems.add(_line(k), f"unknown key match.{k.value}; expected one of {', '.join(MATCH_KEYS)}")
+                bad = True
+                continue
             try:
                 fields[k.value] = check(_value(v))
                 if k.value == "filter":
                     fields["_compiled"] = _compile_filter(fields["filter"])
             except ValueError as e:
-                raise RulesError(path, _line(v), f"match.{k.value}: {e}") from None
-        if not fields:
-            raise RulesError(path, _line(entry), "a match entry needs host, path or filter")
-        rules.append(MatchRule(**fields))
+                problems.add(_line(v), f"match.{k.value}: {e}")
+                bad = True
+        if not fields and not bad:
+            problems.add(_line(entry), "a match entry needs host, path or filter")
+        elif not bad:
+            rules.append(MatchRule(**fields))
     return tuple(rules)
 
 
-def _parse_faults(node: yaml.Node, path: str) -> tuple[FaultRule, ...]:
-    if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+def _parse_faults(node: yaml.Node, problems: _Problems) -> tuple[FaultRule, ...]:
+    if _is_null(node):
         return ()
     if not isinstance(node, yaml.SequenceNode):
-        raise RulesError(path, _line(node), "faults must be a list of fault rules (each with kind and after_turn or probability)")
+        problems.add(_line(node), "faults must be a list of fault rules (each with kind and after_turn or probability)")
+        return ()
     faults = []
     for entry in node.value:
+        pairs = _mapping(entry, problems, "a fault rule")
+        if pairs is None:
+            continue
         fields: dict[str, Any] = {}
         scope: dict[str, Any] = {}
         lines: dict[str, int] = {}
-        for k, v in _mapping(entry, path, "a fault rule"):
+        bad = False
+        for k, v in pairs:
             check = FAULT_KEYS.get(k.value) or MATCH_KEYS.get(k.value)
             if check is None:
                 known = ", ".join([*FAULT_KEYS, *MATCH_KEYS])
-                raise RulesError(path, _line(k), f"unknown key faults.{k.value}; expected one of {known}")
+                problems.add(_line(k), f"unknown key faults.{k.value}; expected one of {known}")
+                bad = True
+                continue
             lines[k.value] = _line(k)
             try:
                 value = check(_value(v))
@@ -399,17 +465,23 @@ def _parse_faults(node: yaml.Node, path: str) -> tuple[FaultRule, ...]:
                 else:
                     fields[k.value] = value
             except ValueError as e:
-                raise RulesError(path, _line(v), f"faults.{k.value}: {e}") from None
+                problems.add(_line(v), f"faults.{k.value}: {e}")
+                bad = True
         where = _line(entry)
         kind = fields.get("kind")
         if kind is None:
-            raise RulesError(path, where, f"a fault rule needs kind: one of {', '.join(k.value for k in FaultKind)}")
-        if "after_turn" not in fields and "probability" not in fields:
-            raise RulesError(path, where, f"fault {kind.value}: needs after_turn (a turn number) or probability (0..1)")
+            if "kind" not in lines:  # a kind that is there but wrong is reported above
+                problems.add(where, f"a fault rule needs kind: one of {', '.join(k.value for k in FaultKind)}")
+            continue
+        if "after_turn" not in lines and "probability" not in lines:
+            problems.add(where, f"fault {kind.value}: needs after_turn (a turn number) or probability (0..1)")
+            bad = True
         for key, owner in FAULT_KIND_KEYS.items():
             if key in fields and owner is not kind:
-                raise RulesError(path, lines[key], f"faults.{key} applies to kind {owner.value}, not {kind.value}")
-        faults.append(FaultRule(match=MatchRule(**scope) if scope else None, line=where, **fields))
+                problems.add(lines[key], f"faults.{key} applies to kind {owner.value}, not {kind.value}")
+                bad = True
+        if not bad:
+            faults.append(FaultRule(match=MatchRule(**scope) if scope else None, line=where, **fields))
     return tuple(faults)
 
 

@@ -124,18 +124,20 @@ class FakeUpstream:
         return f"{'wss' if self.ssl_context else 'ws'}://{self.host}:{self.port}"
 
     def start(self) -> "FakeUpstream":
+        """Listen; an OSError of the listening socket (port in use, unknown host) is raised here, as is."""
         ready = threading.Event()
-        failed: list[BaseException] = []
+        failed: list[OSError] = []
 
         def run() -> None:
             self._loop = asyncio.new_event_loop()
             try:
                 self._loop.run_until_complete(self._start())
-            except BaseException as e:  # a port in use: the caller hears of it, in one piece
+            except OSError as e:
                 failed.append(e)
-                ready.set()
+                self._loop.close()
                 return
-            ready.set()
+            finally:
+                ready.set()
             self._loop.run_forever()
 
         self._thread = threading.Thread(target=run, daemon=True, name="fake-upstream")

@@ -48,6 +48,15 @@ def mitmdump_command(tool: str = "mitmdump") -> list[str]:
     return [sys.executable, "-c", f"from mitmproxy.tools.main import {tool}; {tool}()"]
 
 
+class StartFailed(RuntimeError):
+    """mitmdump exited or stayed silent at startup; ``reason`` is its last log line, the message its whole log."""
+
+    def __init__(self, what: str, log: str) -> None:
+        super().__init__(f"{what}:\n{log}")
+        lines = [line for line in log.splitlines() if line.strip()]
+        self.reason = f"{what}: {lines[-1].strip()}" if lines else what
+
+
 class Mitmdump:
     """A real mitmdump subprocess running addon.py, listening on 127.0.0.1 (port 0)."""
 
@@ -109,9 +118,9 @@ class Mitmdump:
                     return self
             if self.proc.poll() is not None:
                 time.sleep(0.2)
-                raise RuntimeError(f"mitmdump exited with {self.proc.returncode}:\n{self.log}")
+                raise StartFailed(f"{self.TOOL} exited with {self.proc.returncode}", self.log)
             time.sleep(0.05)
-        raise RuntimeError(f"mitmdump did not start:\n{self.log}")
+        raise StartFailed(f"{self.TOOL} did not start within {timeout:g} s", self.log)
 
     def _limits(self) -> None:
         import resource

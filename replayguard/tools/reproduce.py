@@ -423,9 +423,10 @@ def reproduce(recording: Recording, options: Options) -> Result:
 def _why(log_text: str) -> str:
     """The line of mitmdump's output that says why it stopped."""
     lines = [line for line in log_text.splitlines() if line.strip()]
-    for line in lines:
-        if "Error: replayguard:" in line:
-            return line.split("Error: ", 1)[1].strip()
+    mistakes = [line.split("replayguard: bad rules file: ", 1)[1].strip() for line in lines
+                if "replayguard: bad rules file: " in line]  # one line per mistake of the rules file
+    if mistakes:
+        return "bad rules file: " + "; ".join(mistakes)
     return lines[-1].strip() if lines else "no output"
 
 
@@ -602,6 +603,9 @@ def main(path: str, *, check: bool = False, against: str = "replayguard", policy
         result = reproduce(recording, options)
     except (RecordingError, ReproduceError) as e:
         err.write(f"replayguard reproduce: {e}\n")
+        return 2
+    except OSError as e:  # --keep, --trace or --write-test names a place that cannot be written
+        err.write(f"replayguard reproduce: cannot write {e.filename}: {e.strerror or e}\n")
         return 2
     if not result.rows:
         render(result, out, check)

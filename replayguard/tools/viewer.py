@@ -117,6 +117,7 @@ class TurnView:
     ms: float | None = None
     model: str | None = None
     store: bool = True
+    generate: bool = True  # False: a warm-up (Codex's first turn), which prepares the connection and generates nothing
     chains_on: str | None = None  # "turn 2", or "session X turn 2", or None
     error: dict[str, Any] | None = None
     replayed_input: list[Summary] | None = None  # what a recovery really sent
@@ -215,7 +216,8 @@ def _apply(view: SessionView, r: dict[str, Any]) -> None:
         view.turns.append(TurnView(number=number if isinstance(number, int) else len(view.turns) + 1, ts=ts,
                                    previous_response_id=_text(r.get("previous_response_id")),
                                    input=_summaries(r.get("input")), model=_text(r.get("model")),
-                                   store=r.get("store", True) is not False))
+                                   store=r.get("store", True) is not False,
+                                   generate=r.get("generate", True) is not False))
     elif event == "turn.end":
         turn = _turn(view, r.get("turn"))
         if turn is None:
@@ -412,8 +414,10 @@ def render(sessions: list[SessionView], out: TextIO, color: bool = False) -> Non
     s = _Style(color)
     for view in sessions:
         done = sum(t.status == "completed" for t in view.turns)
+        warmups = sum(not t.generate for t in view.turns)
         out.write(s(f"session {view.id}", "1") + f"  {view.url}  [{view.source}]\n")
-        out.write(f"  {len(view.turns)} turns ({done} completed), {view.recoveries} "
+        out.write(f"  {len(view.turns)} turns ({done} completed{f', {warmups} warm-up' if warmups else ''}), "
+                  f"{view.recoveries} "
                   f"{'recovery' if view.recoveries == 1 else 'recoveries'}"
                   f"{', failed closed' if view.failed_closed else ''}\n")
         for line in _interleave(view, s):
@@ -449,8 +453,11 @@ def _interleave(view: SessionView, s: _Style) -> list[str]:
         error = ""
         if turn.error:
             error = f"  error {turn.error.get('status')} {turn.error.get('code')}: {turn.error.get('message')}"
-        lines.append(f"  turn {turn.number:<3} {turn.response_id or '-'}{chain}  {status}  {ms}  "
-                     f"in: {_kinds(turn.input)}  out: {_kinds(turn.output)}{error}")
+        if turn.generate:
+            what = f"in: {_kinds(turn.input)}  out: {_kinds(turn.output)}"
+        else:  # generate: false, nothing comes out: say what the turn is for instead of an empty output
+            what = f"warm-up (generate: false: prepares the connection, generates nothing; in: {_kinds(turn.input)})"
+        lines.append(f"  turn {turn.number:<3} {turn.response_id or '-'}{chain}  {status}  {ms}  {what}{error}")
         limit = view.turns[position + 1].ts if position + 1 < len(view.turns) else None
         while index < len(timeline) and (limit is None or timeline[index][0] < limit):
             lines.append("    " + timeline[index][1])
