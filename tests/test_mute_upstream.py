@@ -21,8 +21,9 @@ def test_mute_upstream_fails_closed_after_retries_and_other_flows_live_on(fake, 
     error = events[0]
     assert error["status"] == 502 and error["error"]["code"] == "upstream_retries_exhausted"
     assert "no event within first event timeout" in error["error"]["message"]
-    # First timeout, one resend on a fresh connection, second timeout: about 2 x 0.7 s, never a hang.
-    assert 1.3 < took < 5
+    # First timeout, one resend on a fresh connection, second timeout: about 2 x 0.7 s, never a hang (until_closed's
+    # bound above); never before the two timeouts ran.
+    assert took > 1.3
     assert len(fake.handshakes) == 2
     proxy.wait_log(r"turn 1: no event within first event timeout.*-> failed closed")
 

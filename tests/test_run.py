@@ -34,6 +34,7 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
+from codex import stop_daemons
 from conftest import BASE_RULES, SECRET_MARK
 from modes import ConnectProxy
 from tls import PrivateCA
@@ -367,6 +368,7 @@ def test_interactive_codex(named, corp, ca, rules, tmp_path):
         assert term.wait() == 0, term.output
     finally:
         term.close()
+        stop_daemons(home)  # the TUI's app-server daemon outlives it
     assert "exited with status 0" in term.output
     traced = records(trace)
     triggers = {r["trigger"] for r in traced if r["event"] == "recovery"}

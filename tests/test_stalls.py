@@ -89,12 +89,16 @@ def test_one_large_request_does_not_hold_other_sessions_up(fake, mitm):
     watcher = threading.Thread(target=watch)
     watcher.start()
     time.sleep(0.1)
+    sent = time.monotonic()
     events = big.turn({"model": "m", "store": False, "input": items}, timeout=60)
+    big_took = time.monotonic() - sent
     watcher.join(30)
     assert events[-1]["type"] == "response.completed"
     record = next(json.loads(line) for line in (proxy.tmp / "trace.jsonl").read_text().splitlines()
                   if '"turn.start"' in line and '"omitted"' in line)
     assert len(json.dumps(record)) < 100_000  # the trace record stays small (summary mode)
-    assert max(gaps) < 1.0, f"the stream beside it stalled {max(gaps):.2f}s"
+    # Relative to the big turn's own time (load stretches both alike): one parse of 40 MB in a single step held
+    # every session for most of the time replayguard spent on that request.
+    assert max(gaps) < big_took / 4, f"the stream beside it stalled {max(gaps):.2f}s of the big turn's {big_took:.2f}s"
     big.close()
     stream.close()

@@ -53,7 +53,7 @@ def find_orphans(items: Iterable[Any]) -> list[Orphan]:
             if isinstance(key, str):
                 seen.setdefault(kind, set()).add(key)
             continue
-        rule = OUTPUT_CALLS.get(kind)  # type: ignore[arg-type]
+        rule = OUTPUT_CALLS.get(kind)
         if rule is None:
             continue
         call_types, out_key, _ = rule

@@ -198,12 +198,12 @@ class Upstream:
     @property
     def peer(self) -> tuple[str, int] | None:
         address = self.ws.transport.get_extra_info("peername") if self.ws.transport is not None else None
-        return tuple(address[:2]) if address else None  # type: ignore[return-value]
+        return tuple(address[:2]) if address else None
 
     @property
     def local(self) -> tuple[str, int] | None:
         address = self.ws.transport.get_extra_info("sockname") if self.ws.transport is not None else None
-        return tuple(address[:2]) if address else None  # type: ignore[return-value]
+        return tuple(address[:2]) if address else None
 
     def tls_info(self) -> dict[str, Any] | None:
         """Version, cipher and server name of the TLS session, None for plain ws://."""
