@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="the sessions, turns, calls and problems as JSON")
     t.add_argument("--session", metavar="ID", help="only the session whose id starts with ID (default: all)")
     t.add_argument("--check", action="store_true", help="exit 2 when a problem (orphaned call_id, ...) is found")
-    t.add_argument("--html", metavar="FILE", help="write the chain as one self-contained HTML page to FILE")
+    t.add_argument("--html", metavar="FILE", help="write the chain as one self-contained HTML page to FILE (default: none, the text timeline only)")
     t.set_defaults(run=trace)
 
     k = command(
@@ -286,22 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(run=reproduce)
     u = commands.add_parser(
         "run", help="run COMMAND (codex, an openai SDK program) behind replayguard: proxy, CA and environment set "
-                    "up; runs as long as COMMAND", formatter_class=_Help,
+                    "up; runs until COMMAND exits", formatter_class=_Help,
         usage="%(prog)s [--rules FILE] [--trace FILE|DIR/] [--web] [-w FILE] [--log FILE|-] [--set OPTION=VALUE ...] "
               "-- COMMAND [ARGS...]",
         description="Starts mitmdump with replayguard on a free 127.0.0.1 port (regular mode, a fresh CA), runs "
                     "COMMAND in the foreground with HTTPS_PROXY and the CA variables its clients read set, then "
                     "stops the proxy and prints a summary of the run's sessions, turns, recoveries and fail-closes. "
-                    "Exit status: COMMAND's (128+N when signal N killed it); 127 COMMAND not found; 2 bad input or "
+                    "Runs until COMMAND exits, plus a second or two to start and stop the proxy. Exit status: COMMAND's (128+N when signal N killed it); 127 COMMAND not found; 2 bad input or "
                     "a proxy that cannot start.")
     u.add_argument("--rules", metavar="FILE", help="replayguard rules file (default: rules.yaml beside addon.py)")
     u.add_argument("--trace", metavar="FILE|DIR/", help="write the chain trace here (default: the run's work dir)")
     u.add_argument("--web", action="store_true", help="run mitmweb instead of mitmdump (its URL is printed)")
-    u.add_argument("-w", dest="flows", metavar="FILE", help="save the flows to FILE (with --web: the work dir)")
+    u.add_argument("-w", dest="flows", metavar="FILE", help="save the flows to FILE (default: not saved; with --web: flows.mitm in the work dir)")
     u.add_argument("--log", metavar="FILE|-", help="mitmproxy's output (default: a file in the work dir; - for "
                                                    "this terminal)")
     u.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
-                   help="a mitmproxy option, e.g. ssl_verify_upstream_trusted_ca=ca.pem or mode=upstream:URL")
+                   help="a mitmproxy option, e.g. ssl_verify_upstream_trusted_ca=ca.pem or mode=upstream:URL "
+                        "(repeatable; default: none)")
     u.add_argument("run_command", nargs=argparse.REMAINDER, metavar="COMMAND", help="the program and its arguments")
     u.set_defaults(run=run)
     return parser

@@ -78,12 +78,13 @@ def subcommands() -> dict[str, tuple[argparse.ArgumentParser, str]]:
     return {name: (parser, summaries[name]) for name, parser in group.choices.items()}
 
 
-DURATION = re.compile(r"runs until Ctrl-C|runs for --turns turns|about \d+ (minutes|s)\b|seconds")
+DURATION = re.compile(r"runs until Ctrl-C|runs until COMMAND exits|runs for --turns turns|about \d+ (minutes|s)\b|"
+                      r"seconds")
 
 
 def test_every_subcommand_says_what_it_does_and_how_long_it_runs():
     commands = subcommands()
-    assert set(commands) == {"fake-upstream", "client", "trace", "soak", "bench", "reproduce"}
+    assert set(commands) == {"fake-upstream", "client", "trace", "soak", "bench", "reproduce", "run"}
     for name, (parser, summary) in commands.items():
         assert summary and DURATION.search(summary), (name, summary)
         assert parser.description and re.search(r"\b(Runs|Reads the file and exits)\b", parser.description), name

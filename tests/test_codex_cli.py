@@ -186,15 +186,15 @@ def resent_with_full_history(fake) -> dict:
 
 
 def test_codex_resends_its_history_after_a_5xx_fail_close(fake, mitm, tmp_path):
-    # After the tool call the upstream is cut and the reconnect refused: turn 3 fails closed with 502
-    # upstream_unavailable (close 1011). Codex reconnects and resends its whole history; it completes.
+    # After the tool call the upstream is cut and the reconnect refused (503): turn 3 fails closed with the upstream's
+    # 503, upstream_unavailable (close 1013). Codex reconnects and resends its whole history; it completes.
     proxy = mitm(fake, faults=[{"kind": "drop", "after_turn": 2}, {"kind": "refuse", "after_turn": 2, "count": 1}])
     result = run_codex(codex_home(tmp_path, reverse_config(proxy)), tmp_path / "work", {})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "tool said:" in result.stdout
     fails = of(records(proxy.tmp / "trace.jsonl"), "fail_close")
     assert [(f["error"]["status"], f["error"]["error"]["code"], f["close_code"]) for f in fails][:1] == [
-        (502, "upstream_unavailable", 1011)]
+        (503, "upstream_unavailable", 1013)]
     resent_with_full_history(fake)
 
 

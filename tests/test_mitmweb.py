@@ -28,8 +28,9 @@ DOCS_SCREENSHOT = ROOT / "docs" / "mitmweb.png"
 
 @pytest.fixture
 def web(fake, tmp_path):
-    rules = {**BASE_RULES, "faults": [{"kind": "drop", "after_turn": 2},
-                                      {"kind": "error", "error": "previous_response_not_found", "after_turn": 4}]}
+    rules = {**BASE_RULES, "trace": {"bodies": "full"},
+             "faults": [{"kind": "drop", "after_turn": 2},
+                        {"kind": "error", "error": "previous_response_not_found", "after_turn": 4}]}
     web = Mitmweb(tmp_path / "web", ["--mode", f"reverse:http://localhost:{fake.port}",
                                      "--set", "connection_strategy=lazy",
                                      "--set", f"replayguard_trace={tmp_path / 'trace.jsonl'}"], rules).start()
@@ -91,7 +92,22 @@ def test_mitmweb_shows_the_upstream_the_replays_and_renders_the_chain(web, fake,
     live, _ = load(tmp_path / "trace.jsonl")
     (live_view,), (flow_view,) = build_sessions(live), build_sessions(records_from_flows(dump))
     assert live_view.recoveries == flow_view.recoveries == 3
-    assert sorted(line for _, line in flow_view.timeline) == sorted(line for _, line in live_view.timeline)
+    # The same timeline, in the same order: each record sits in the flow where it happened among the events.
+    assert [line for _, line in flow_view.timeline] == [line for _, line in live_view.timeline]
+    order = [_label(m) for m in _read_flow(dump).websocket.messages]
+    completed_at = [i for i, text in enumerate(order) if text == "<- response.completed"]
+    fault = order.index("replayguard.fault")  # the drop a rule fires after turn 2
+    lost = order.index("replayguard.upstream.lost")
+    replayed = order.index("replayguard.recovery")
+    assert completed_at[1] < fault < lost < completed_at[2], order  # after turn 2's last event, not among its events
+    creates_at = [i for i, text in enumerate(order) if text == "-> response.create"]
+    created_at = [i for i, text in enumerate(order) if text == "<- response.created"]
+    assert creates_at[2] < replayed < created_at[2], order  # the replay before the replayed turn's events
+    # Both recordings run again offline to the same outcomes, the faults of the rules and of the command included.
+    for source in (tmp_path / "trace.jsonl", dump):
+        rerun = subprocess.run([sys.executable, "-m", "replayguard", "reproduce", str(source), "--check"],
+                               capture_output=True, text=True, timeout=180, cwd=ROOT)
+        assert rerun.returncode == 0, f"{source.name}:\n{rerun.stdout}{rerun.stderr}"
     assert [t.response_id for t in flow_view.turns] == [r["id"] for r in responses]
     viewer = subprocess.run([sys.executable, "-m", "replayguard", "trace", str(dump)], capture_output=True, text=True,
                             timeout=60, cwd=ROOT)
@@ -111,6 +127,12 @@ def test_mitmweb_shows_the_upstream_the_replays_and_renders_the_chain(web, fake,
         assert sum(t.lstrip().startswith("replayguard:") or '"replayguard:' in t for t in rendered) == len(kept)
     finally:
         again.stop()
+
+
+def _label(message: Any) -> str:
+    obj = json.loads(message.content)
+    kind = obj.get("type", "") if isinstance(obj, dict) else ""
+    return kind if kind.startswith("replayguard.") else ("-> " if message.from_client else "<- ") + kind
 
 
 def _read_flow(path: Path) -> Any:

@@ -75,9 +75,9 @@ def readme_resend() -> dict:
 
 @pytest.mark.parametrize(("sections", "close_code", "code"), [
     ({"faults": [{"kind": "drop", "after_turn": 1}, {"kind": "refuse", "after_turn": 1, "count": 1}]},
-     1011, "upstream_unavailable"),
+     1013, "upstream_unavailable"),
     ({"faults": [{"kind": "drop", "after_turn": 1}], "recovery": {"policy": "strict"}}, 1008, None),
-], ids=["502-upstream_unavailable", "strict-1008"])
+], ids=["503-upstream_unavailable", "strict-1008"])
 def test_the_readme_resend_recovers_a_fail_close(fake, mitm, sections, close_code, code):
     from test_trace import of, records
 

@@ -145,3 +145,28 @@ def test_a_misspelt_replayguard_option_stops_startup_naming_the_real_ones(fake, 
     assert "unknown option 'replayguard_rule' (did you mean replayguard_rules?)" in out
     assert "replayguard's options are: replayguard_rules, replayguard_trace" in out
     assert "Error logged during startup, exiting" in out
+
+
+def test_a_package_that_cannot_be_read_now_is_not_a_changed_package(tmp_path, monkeypatch):
+    """Out of file descriptors, the package's files cannot be listed: that is no edit, and no reload (a reload then
+    would end every live session)."""
+    import errno
+    import os
+    from pathlib import Path
+
+    from replayguard.proxy import addon as addon_module
+
+    script = tmp_path / "addon.py"
+    script.write_text("# the script\n")
+    os.utime(script, (1_000_000, 1_000_000))
+    guard = addon_module.ReplayGuard(script=str(script))
+    guard._package_seen = addon_module._package_signature()
+    assert guard._package_seen is not None
+
+    def exhausted(self, pattern):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(Path, "rglob", exhausted)
+    assert addon_module._package_signature() is None
+    guard._check_package()
+    assert script.stat().st_mtime == 1_000_000  # not touched: mitmproxy does not reload it

@@ -41,3 +41,35 @@ def test_exhaustion_is_reported_once_per_burst_and_other_errors_pass_on(caplog):
     alarm.uninstall()
     assert loop.get_exception_handler() is not alarm
     loop.close()
+
+
+def test_asyncios_accept_retry_on_a_closed_server_is_not_reported_after_a_burst(caplog):
+    """After running out of descriptors asyncio retries accepting a second later; when the proxy stopped meanwhile
+    the retry fails on fd -1: no traceback for that (anything else still goes to the handler it wraps)."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    seen: list[dict] = []
+    loop.set_exception_handler(lambda _, context: seen.append(context))
+    alarm = resources.DescriptorAlarm(loop)
+
+    def _start_serving() -> None:  # named as asyncio's own retry
+        raise ValueError("Invalid file descriptor: -1")
+
+    def raised(fn) -> BaseException:
+        try:
+            fn()
+        except BaseException as e:
+            return e
+        raise AssertionError("did not raise")
+
+    retry = {"message": "Exception in callback", "exception": raised(_start_serving)}
+    alarm(loop, retry)
+    assert seen == [retry]  # no burst yet: not ours to judge
+    alarm.note(OSError(errno.EMFILE, "Too many open files"))
+    alarm(loop, retry)
+    other = {"message": "Exception in callback", "exception": raised(lambda: (_ for _ in ()).throw(ValueError("x")))}
+    alarm(loop, other)
+    assert seen == [retry, other]  # the stale retry after the burst is swallowed; the rest passes on
+    alarm.uninstall()
+    loop.close()

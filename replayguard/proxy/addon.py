@@ -26,7 +26,7 @@ from .clock import CLOCK
 from .commands import SessionCommands
 from .destination import Destination, destination_of
 from .exposure import exposed
-from .flowview import MARK_FAILED, FlowView
+from .flowview import MARK_FAILED, FlowView, RecordCatcher
 from .live import Live, Match
 from .reporting import SessionLog
 from .routing import Router
@@ -59,6 +59,7 @@ class ReplayGuard:
         self.store = ChainStore()
         self.bridge = Bridge()
         self.router = Router(self)
+        self.catcher = RecordCatcher(self._view_of)  # first in mitmproxy's chain: in-band records out of the stream
         self.contentview: object | None = None
         self.alarm: DescriptorAlarm | None = None  # reports running out of file descriptors once per burst
         self.matched: dict[str, Match] = {}  # flow id -> match, until the router takes the flow
@@ -83,6 +84,7 @@ class ReplayGuard:
         if raised is not None:
             log.info("replayguard: raised the open-files limit from %d to %d", *raised)
         self.router.install()  # last in mitmproxy's chain: after every other addon's request hook
+        self.catcher.install()
         self.contentview = contentview.register()  # "Responses", chosen automatically for Responses messages
 
     def configure(self, updated: set[str]) -> None:
@@ -162,7 +164,7 @@ class ReplayGuard:
                                      SessionLog(flow.id, secrets), view]
         faults = rules.faults_for(match.name, match.path, flow)
         session = Session(flow.id, target, rules, self.store, listeners, FaultInjector(faults) if faults else None,
-                          credentials.principal(PRINCIPAL_KEY), rules.client.interval(idle_timeout()))
+                          credentials.principal(PRINCIPAL_KEY), rules.client.interval(idle_timeout()), view)
         self.flows[flow.id] = Live(session, view)
         flow.metadata["replayguard_upstream"] = redact_url(target.url)
         return session
@@ -188,6 +190,10 @@ class ReplayGuard:
         self.flows.pop(flow.id, None)
         return refusal
 
+    def _view_of(self, flow_id: str) -> FlowView | None:
+        live = self.flows.get(flow_id)
+        return live.view if live is not None else None
+
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         live = self.flows.get(flow.id)
         if live is not None:
@@ -195,10 +201,10 @@ class ReplayGuard:
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         live = self.flows.get(flow.id)
-        if live is None:
+        if live is None or flow.websocket is None:
             return
         limit = live.session.rules.limits.flow_messages
-        if limit and flow.websocket is not None and len(flow.websocket.messages) > limit + limit // 10:  # trimmed in batches: O(1) a message
+        if limit and len(flow.websocket.messages) > limit + limit // 10:  # trimmed in batches: O(1) a message
             live.view.trim(limit)
 
     async def websocket_end(self, flow: http.HTTPFlow) -> None:
@@ -215,6 +221,7 @@ class ReplayGuard:
     def running(self) -> None:
         self._warn_if_exposed()
         self.router.ensure_last()
+        self.catcher.ensure_first()
         if self.alarm is None:
             self.alarm = DescriptorAlarm(asyncio.get_running_loop())
         CLOCK.start()  # timers that discount stalls of our own loop
@@ -254,9 +261,7 @@ class ReplayGuard:
             self._watcher = None
         self.router.done()
         self.router.uninstall()
-        if self.alarm is not None:
-            self.alarm.uninstall()
-            self.alarm = None
+        self.catcher.uninstall()
         if self.contentview is not None:
             contentview.unregister(self.contentview)
             self.contentview = None
@@ -267,6 +272,10 @@ class ReplayGuard:
         finally:
             CLOCK.stop()
             self.trace.close()
+            # At exit the alarm stays: asyncio may still retry an accept after the servers closed (see its note).
+            if reloading and self.alarm is not None:
+                self.alarm.uninstall()
+                self.alarm = None
 
     def _open_trace(self, path: str) -> None:
         """Trace to ``path`` ("" = stop): live sessions move to the new file."""
@@ -324,8 +333,11 @@ class ReplayGuard:
     async def _watch_files(self) -> None:
         while True:
             await asyncio.sleep(RULES_POLL_SECONDS)
-            self._check_package()
-            self._check_rules()
+            try:
+                self._check_package()
+                self._check_rules()
+            except OSError as e:  # out of descriptors, a file being replaced: look again in a second
+                log.debug("replayguard: cannot look at the rules or the package now: %s", e)
 
     def _check_package(self) -> None:
         """mitmproxy reloads the script file it was given when that file changes, not the package behind it: an
@@ -333,7 +345,8 @@ class ReplayGuard:
         if self.script is None:
             return
         signature = _package_signature()
-        if signature == self._package_seen:
+        if signature is None or self._package_seen is None or signature == self._package_seen:
+            self._package_seen = self._package_seen or signature
             return
         self._package_seen = signature
         log.info("replayguard: the package changed on disk; reloading %s", self.script)
@@ -369,16 +382,14 @@ class ReplayGuard:
         return http.Response.make(status, body, {"content-type": "application/json"})
 
 
-def _package_signature() -> tuple[int, int]:
-    """(newest mtime, number of files) of the package's Python files: changes when one is edited, added or removed."""
-    files = list(Path(__file__).resolve().parents[1].rglob("*.py"))
-    newest = 0
-    for path in files:
-        try:
-            newest = max(newest, path.stat().st_mtime_ns)
-        except OSError:
-            pass
-    return newest, len(files)
+def _package_signature() -> tuple[int, int] | None:
+    """(newest mtime, number of files) of the package's Python files: changes when one is edited, added or removed.
+    None when it cannot be read now (out of file descriptors, say): that is no change."""
+    try:
+        files = list(Path(__file__).resolve().parents[1].rglob("*.py"))
+        return max(path.stat().st_mtime_ns for path in files), len(files)
+    except (OSError, ValueError):
+        return None
 
 
 _STOPPING: set[asyncio.Task[None]] = set()  # the last work of instances a reload replaced

@@ -39,6 +39,18 @@ def is_exhaustion(exc: BaseException | None) -> bool:
     return isinstance(exc, OSError) and exc.errno in EXHAUSTED
 
 
+def _stale_accept_retry(context: dict[str, Any]) -> bool:
+    exc = context.get("exception")
+    if not isinstance(exc, ValueError) or "Invalid file descriptor: -1" not in str(exc):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_start_serving":
+            return True
+        tb = tb.tb_next
+    return False
+
+
 class DescriptorAlarm:
     """An asyncio exception handler in front of mitmproxy's: errors that say the process ran out of descriptors are
     counted and reported once per burst; everything else goes to the handler it wraps."""
@@ -53,6 +65,11 @@ class DescriptorAlarm:
         loop.set_exception_handler(self)
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if self.bursts and _stale_accept_retry(context):
+            # After an exhaustion asyncio retries accepting a second later; a server closed meanwhile (the proxy
+            # stopping) makes that retry fail on fd -1: nothing is wrong, nothing to report.
+            log.debug("replayguard: a server closed before asyncio's accept retry")
+            return
         if not is_exhaustion(context.get("exception")):
             if self.previous is not None:
                 self.previous(loop, context)

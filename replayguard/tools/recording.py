@@ -192,7 +192,10 @@ def session_from_records(records: list[dict[str, Any]], need_bodies: bool = True
     turns: dict[int, RecordedTurn] = {}
     current: RecordedTurn | None = None  # the last turn that started
     last_ended: RecordedTurn | None = None
-    faulted: dict[Any, str] = {}  # conn -> the connection fault a rule did to it
+    # conn -> the connection fault done to it, and whether a rule did it (the recorded rules do it again) or the
+    # replayguard.fault command (the fake must, as if the upstream had)
+    faulted: dict[Any, tuple[str, bool]] = {}
+    error_by_rule = True  # who armed the error fault applied next
     injected_error: dict[int, int] = {}  # turn -> injected errors not yet matched with their loss
     delayed: set[int] = set()
     recoveries: dict[int, list[list[str]]] = {}
@@ -243,12 +246,15 @@ def session_from_records(records: list[dict[str, Any]], need_bodies: bool = True
             last_ended = turn
         elif event == "fault":
             kind, phase = r.get("kind"), r.get("phase", "fired")
+            by_rule = not r.get("origin")
             if phase == "fired" and kind in _CONNECTION_FAULTS:
-                faulted[r.get("conn")] = str(r.get("detail") or kind)
+                faulted[r.get("conn")] = (str(r.get("detail") or kind), by_rule)
+            elif phase == "fired" and kind == "error":
+                error_by_rule = by_rule
             elif phase == "applied" and kind == "error" and r.get("turn") in turns:
                 code = str(r.get("detail") or "").rsplit(" ", 1)[-1]
                 error = upstream_error(InjectedError(code)) if code in {e.value for e in InjectedError} else None
-                turns[r["turn"]].failures.append(Failure("error", error=error, injected=True,
+                turns[r["turn"]].failures.append(Failure("error", error=error, injected=error_by_rule,
                                                          how=str(r.get("detail"))))
                 injected_error[r["turn"]] = injected_error.get(r["turn"], 0) + 1
             elif phase == "applied" and kind == "delay":
@@ -270,7 +276,7 @@ def session_from_records(records: list[dict[str, Any]], need_bodies: bool = True
                 failure.error = _error_event(r.get("message")) or _error_event(r.get("detail"))
             conn = r.get("conn")
             if conn in faulted:
-                failure.injected, failure.how = True, faulted[conn]
+                failure.how, failure.injected = faulted[conn]
             elif kind == "silence" and number in delayed:
                 failure.injected = True
             if number is not None and number in turns:
@@ -424,6 +430,10 @@ def _read_flows(data: bytes, path: str) -> Recording:
     except exceptions.FlowReadException as e:
         salvaged = _salvage(data[start:])
         if not flows and salvaged is None:
+            if _TNET_START.match(data):  # a flow file, cut before anything of a session could be read
+                raise RecordingError(f"{path}: no Responses WebSocket session in this flow file: it ends at byte "
+                                     f"{len(data)}, before anything of its first flow could be read; "
+                                     f"{HOW_TO_RECORD}") from None
             raise RecordingError(f"{path}: neither a replayguard trace, a fixture nor a mitmproxy flow file ({e}); "
                                  f"{HOW_TO_RECORD}") from None
         where = f"the file ends at byte {len(data)}, in the middle of flow {len(flows) + 1} (from byte {start})"
@@ -473,6 +483,9 @@ def _convert(flow: Any) -> _Flow | None:
     messages = [_Message(m.from_client, m.content, m.timestamp, bool(m.injected)) for m in ws.messages]
     return _Flow(flow.id, url, headers, messages, ws.close_code, ws.timestamp_end is not None,
                  started=flow.timestamp_created, dropped=int(flow.metadata.get("replayguard_dropped_messages") or 0))
+
+
+_TNET_START = re.compile(rb"\d{1,12}:")  # how a mitmproxy flow file (tnetstrings) begins
 
 
 def _salvage(data: bytes) -> _Flow | None:

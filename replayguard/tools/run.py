@@ -160,6 +160,10 @@ def startup_error(text: str) -> str:
     """The line of mitmproxy's output that says why it did not start: replayguard's own error (a bad rules file:
     ``file:line: reason``), a port it could not bind, or the exception that stopped it."""
     lines = [_stamp_free(line) for line in text.splitlines() if line.strip()]
+    mistakes = [line for line in lines if line.startswith("replayguard: bad rules file: ")]
+    if mistakes:  # replayguard lists every mistake of a rules file, one line each, then says it does not start
+        return "replayguard: bad rules file: " + "; ".join(m.removeprefix("replayguard: bad rules file: ")
+                                                          for m in mistakes)
     raised = [m.group(1) for m in (re.match(r"^[\w.]*(?:Error|Exception): (.+)$", line) for line in lines) if m]
     for reason in raised:
         if reason.startswith("replayguard:"):
