@@ -61,7 +61,7 @@ EXPECTED_TYPES = {
 
 def sdk_types() -> dict[str, Any]:
     server_event = pytest.importorskip("openai.types.responses.responses_server_event",
-                                       reason="the openai SDK is installed on the mitmproxy 12 line only")
+                                       reason="the openai SDK is installed only on the mitmproxy 12 line")
     union = server_event.ResponsesServerEvent
     if typing.get_origin(union) is typing.Annotated:
         union = typing.get_args(union)[0]

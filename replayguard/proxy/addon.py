@@ -261,7 +261,6 @@ class ReplayGuard:
             self._watcher = None
         self.router.done()
         self.router.uninstall()
-        self.catcher.uninstall()
         if self.contentview is not None:
             contentview.unregister(self.contentview)
             self.contentview = None
@@ -270,6 +269,8 @@ class ReplayGuard:
         try:
             await self.bridge.stop(reloading=reloading)
         finally:
+            # The catcher stays until the sessions ended: records they send while closing still need taking out.
+            self.catcher.uninstall()
             CLOCK.stop()
             self.trace.close()
             # At exit the alarm stays: asyncio may still retry an accept after the servers closed (see its note).

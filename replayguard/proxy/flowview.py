@@ -237,17 +237,14 @@ class RecordCatcher:
     each where it arrived, marked injected and dropped, and no later addon (the console's dumper, other scripts)
     sees it as a message that crossed the wire; mitmweb still hears of the change."""
 
-    name = "replayguard-records"  # unique in mitmproxy's addon registry
-
     def __init__(self, views: Callable[[str], "FlowView | None"]) -> None:
         self.views = views  # flow id -> its live session's view
+        # Unique in mitmproxy's addon registry, per instance: across a script reload the old catcher stays until the
+        # old sessions have ended (their records carry the old module's mark), beside the new one.
+        self.name = f"replayguard-records-{secrets.token_hex(4)}"
 
     def install(self) -> None:
-        addons = ctx.master.addons
-        stale = addons.get(self.name)
-        if stale is not None:  # left over from a script that failed to unload
-            addons.remove(stale)
-        addons.add(self)
+        ctx.master.addons.add(self)
 
     def ensure_first(self) -> None:
         addons = ctx.master.addons
