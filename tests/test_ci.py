@@ -50,12 +50,12 @@ def test_outside_ci_a_skip_is_a_skip(tmp_path):
 def test_the_readme_test_command_is_what_ci_runs():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    command = re.search(r"```sh\n(python3 -m venv \.venv && .*pytest)\n```", readme).group(1)
-    install, _, test = command.partition(" && .venv/bin/python -m pytest")
+    command = re.search(r"```sh\n(python3 -m venv \.venv && .*pytest -n 4)\n```", readme).group(1)
+    install, _, test = command.partition(" && .venv/bin/python -m pytest -n 4")
     # .ci/run runs it with "$PY" for python3 and each line's constraints file
     assert install.replace("python3 -m venv", '"$PY" -m venv').replace("ci/constraints-py311.txt",
                                                                       '"$constraints"') in ci, install
-    assert ".venv/bin/python -m pytest" in ci and test == ""
+    assert ".venv/bin/python -m pytest -n 4" in ci and test == ""
     for name in ("constraints-py311.txt", "constraints-py312.txt"):
         pins = (ROOT / "ci" / name).read_text()
         assert re.search(r"^mitmproxy==\d", pins, re.M) and re.search(r"^websockets==\d", pins, re.M), name

@@ -161,13 +161,12 @@ def test_a_client_that_left_during_a_recovery_costs_no_request(fake, mitm):
     proxy.wait_log(r"lost while idle")
     fake.handshake_delay = 1.0  # the recovery handshake takes a while
     client.send(create(previous_response_id=r1["id"], input=[user("again")]))
-    assert fake.wait_for(lambda: fake.open_connections() == 0)
-    time.sleep(0.2)  # the handshake is under way
+    assert fake.wait_for(lambda: fake.handshakes_begun == 2)  # the recovery's handshake is under way
     client.close()
     proxy.wait_log(r"client left mid-turn")
-    time.sleep(1.5)  # the handshake completes after the client left
+    assert fake.wait_for(lambda: len(fake.handshakes) == 2, timeout=10)  # it completed after the client left ...
+    assert fake.wait_for(lambda: fake.open_connections() == 0)  # ... and the fresh connection was closed unused
     assert len(creates(fake)) == 1  # the replay (the whole conversation, paid input) was never sent
-    assert fake.wait_for(lambda: fake.open_connections() == 0)  # the fresh connection was closed unused
 
 
 def test_probability_faults_hit_the_same_turns_in_every_session(fake, mitm):

@@ -209,5 +209,5 @@ class Session(RuleBasedStateMachine):
 
 
 TestSession = Session.TestCase
-TestSession.settings = settings(max_examples=800, stateful_step_count=60, deadline=None,
+TestSession.settings = settings(max_examples=500, stateful_step_count=60, deadline=None,
                                 suppress_health_check=[HealthCheck.too_slow])

@@ -90,6 +90,7 @@ class FakeUpstream:
         self.turn_state_prefix = "ts"
         self.response_delay = 0.0
         self.handshake_delay = 0.0  # seconds before each handshake is answered (a slow upstream)
+        self.handshakes_begun = 0  # handshake requests received (answered or not yet)
         self.delta_interval = 0.0  # seconds between text deltas (a paced stream, as a model produces tokens)
         self.stamp_deltas = False  # add "t_ns" (CLOCK_MONOTONIC at send) to deltas, for latency measurements
         self.drop_after_events: int | None = None  # one-shot: cut TCP after this many events of the next response
@@ -275,6 +276,7 @@ class FakeUpstream:
         return info
 
     async def _process_request(self, connection: ServerConnection, request: Any) -> Response | None:
+        self.handshakes_begun += 1
         if self.handshake_delay:
             await asyncio.sleep(self.handshake_delay)
         headers = {k.lower(): v for k, v in request.headers.raw_items()}
