@@ -59,7 +59,9 @@ class ReplayGuard:
         self.store = ChainStore()
         self.bridge = Bridge()
         self.router = Router(self)
-        self.catcher = RecordCatcher(self._view_of)  # first in mitmproxy's chain: in-band records out of the stream
+        # First in mitmproxy's chain, the one websocket_message hook of replayguard's (every hook an addon has costs
+        # each message a dispatch): in-band records out of the stream, and limits.flow_messages.
+        self.catcher = RecordCatcher(self._view_of)
         self.contentview: object | None = None
         self.alarm: DescriptorAlarm | None = None  # reports running out of file descriptors once per burst
         self.matched: dict[str, Match] = {}  # flow id -> match, until the router takes the flow
@@ -190,22 +192,16 @@ class ReplayGuard:
         self.flows.pop(flow.id, None)
         return refusal
 
-    def _view_of(self, flow_id: str) -> FlowView | None:
+    def _view_of(self, flow_id: str) -> tuple[FlowView, int] | None:
+        """A live session's view of its flow, and how many messages the flow may keep (0: all)."""
         live = self.flows.get(flow_id)
-        return live.view if live is not None else None
+        return (live.view, live.session.rules.limits.flow_messages) if live is not None else None
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         live = self.flows.get(flow.id)
         if live is not None:
             live.view.attach()
 
-    def websocket_message(self, flow: http.HTTPFlow) -> None:
-        live = self.flows.get(flow.id)
-        if live is None or flow.websocket is None:
-            return
-        limit = live.session.rules.limits.flow_messages
-        if limit and len(flow.websocket.messages) > limit + limit // 10:  # trimmed in batches: O(1) a message
-            live.view.trim(limit)
 
     async def websocket_end(self, flow: http.HTTPFlow) -> None:
         live = self.flows.pop(flow.id, None)

@@ -237,8 +237,8 @@ class RecordCatcher:
     each where it arrived, marked injected and dropped, and no later addon (the console's dumper, other scripts)
     sees it as a message that crossed the wire; mitmweb still hears of the change."""
 
-    def __init__(self, views: Callable[[str], "FlowView | None"]) -> None:
-        self.views = views  # flow id -> its live session's view
+    def __init__(self, views: Callable[[str], "tuple[FlowView, int] | None"]) -> None:
+        self.views = views  # flow id -> its live session's view and limits.flow_messages
         # Unique in mitmproxy's addon registry, per instance: across a script reload the old catcher stays until the
         # old sessions have ended (their records carry the old module's mark), beside the new one.
         self.name = f"replayguard-records-{secrets.token_hex(4)}"
@@ -257,9 +257,14 @@ class RecordCatcher:
             addons.remove(self)
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
-        view = self.views(flow.id)
-        if view is not None and flow.websocket is not None and view.take_record(flow.websocket.messages[-1]):
+        found = self.views(flow.id)
+        if found is None or flow.websocket is None:
+            return
+        view, limit = found
+        if view.take_record(flow.websocket.messages[-1]):
             raise AddonHalt()  # the rest of the chain sees no message: none crossed the wire
+        if limit and len(flow.websocket.messages) > limit + limit // 10:  # trimmed in batches: O(1) a message
+            view.trim(limit)
 
 
 def _json_or_text(text: str) -> Any:

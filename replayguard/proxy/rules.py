@@ -19,6 +19,7 @@ from mitmproxy import flowfilter
 
 from ..core.faults import FaultKind, FaultRule, InjectedError
 from ..core.records import Bodies
+from ..core.protocol import Settings
 from ..core.recovery import Policy
 
 DEFAULT_RULES = Path(__file__).resolve().parents[2] / "rules.yaml"  # beside addon.py
@@ -58,13 +59,17 @@ class MatchRule:
         return True
 
 
+_CORE = Settings()  # the core's defaults
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamRules:
-    ping_idle: float = 20.0
-    ping_timeout: float = 2.0
-    keepalive_interval: float = 15.0
-    first_event_timeout: float = 10.0
-    rotation_age: float = 3300.0
+    # The protocol's timers, with the core's defaults (core.protocol.Settings), and the connection's own limits.
+    ping_idle: float = _CORE.ping_idle
+    ping_timeout: float = _CORE.ping_timeout
+    keepalive_interval: float = _CORE.keepalive_interval
+    first_event_timeout: float = _CORE.first_event_timeout
+    rotation_age: float = _CORE.rotation_age
     connect_timeout: float = 10.0
     max_message_size: int = 64 * 2**20
 

@@ -366,20 +366,9 @@ class Connection:
     def _start(self, state: LaneState, job: Job) -> None:
         """A job begins (at once, or when its lane is free): validated now, against the cache as it is now."""
         req = job.request
+        previous = req.get("previous_response_id")
         try:
-            items = input_items(req.get("input", []))
-            previous = req.get("previous_response_id")
-            base: list[Any] = []
-            if previous:
-                found = self._lookup(previous)
-                if found is None:
-                    raise RequestFailed(400, "previous_response_not_found",
-                                        f"Previous response with id '{previous}' not found.", "previous_response_id")
-                base = found
-                queued = self.pending_steers.pop(previous, [])
-                items = [i for _, steer in queued for i in steer] + items  # queued steering input goes first
-            context = base + list(items)
-            validate(context, job.store)
+            items, context = self._resolve(req, job.store, take_steers=True)
         except RequestFailed as failure:
             if req.get("previous_response_id"):
                 self._evict(req["previous_response_id"])  # after an error the response it named is forgotten
@@ -401,7 +390,12 @@ class Connection:
     def context_of(self, req: dict[str, Any], store: bool) -> list[Any]:
         """The whole input the upstream sees for a create (raises RequestFailed as the upstream answers): for a
         recorded answer, which skips the model but meets the same checks."""
-        items = input_items(req.get("input", []))
+        return self._resolve(req, store)[1]
+
+    def _resolve(self, req: dict[str, Any], store: bool, take_steers: bool = False) -> tuple[list[Any], list[Any]]:
+        """(the create's input items, the whole context): the previous response's context and the items, checked as
+        the upstream checks them. ``take_steers``: steering input queued for that response goes first."""
+        items = list(input_items(req.get("input", [])))
         previous = req.get("previous_response_id")
         base: list[Any] = []
         if previous:
@@ -410,9 +404,12 @@ class Connection:
                 raise RequestFailed(400, "previous_response_not_found",
                                     f"Previous response with id '{previous}' not found.", "previous_response_id")
             base = found
-        context = base + list(items)
+            if take_steers:
+                queued = self.pending_steers.pop(previous, [])
+                items = [i for _, steer in queued for i in steer] + items  # queued steering input goes first
+        context = base + items
         validate(context, store)
-        return context
+        return items, context
 
     def remember(self, rid: str, req: dict[str, Any], full: list[Any]) -> None:
         """A response made outside the model (a recorded answer) is this connection's last on its lane."""
