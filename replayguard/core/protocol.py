@@ -372,24 +372,24 @@ class Protocol:
 
     def upstream_message(self, conn_id: int, text: str | bytes, obj: Any = _MISSING) -> list[Command]:
         """An upstream message on connection ``conn_id``. ``obj``: its JSON when the driver parsed it already."""
-        with self._input():
-            conn = self.conns.get(conn_id)
-            if conn is None or conn is not self.current or conn.state is not ConnState.OPEN or \
-                    self.state is not State.OPEN:
-                return self._take()  # a connection replaced, lost or retired: what it still says is not the chain's
-            conn.last_heard = self.clock()
-            if conn.held is not None:
-                conn.held.append((text, obj))
-                return self._take()
-            if self.faults is not None and self.faults.delay and self._on(conn):
-                delay = self.faults.take_delay()
-                flight = self._on(conn)[0]
-                self._emit(ev.FaultApplied("delay", f"first frame of turn {flight.turn.number} held {delay:g}s",
-                                           flight.turn.number, conn.id))
-                conn.held = [(text, obj)]
-                self._cmd(StartTimer(("delay", conn.id), delay))
-                return self._take()
-            self._handle(conn, text, obj)
+        self._out = []  # (the hot path: most of a stream is delta events)
+        conn = self.conns.get(conn_id)
+        if conn is None or conn is not self.current or conn.state is not ConnState.OPEN or \
+                self.state is not State.OPEN:
+            return self._take()  # a connection replaced, lost or retired: what it still says is not the chain's
+        conn.last_heard = self.clock()
+        if conn.held is not None:
+            conn.held.append((text, obj))
+            return self._take()
+        if self.faults is not None and self.faults.delay and self._on(conn):
+            delay = self.faults.take_delay()
+            flight = self._on(conn)[0]
+            self._emit(ev.FaultApplied("delay", f"first frame of turn {flight.turn.number} held {delay:g}s",
+                                       flight.turn.number, conn.id))
+            conn.held = [(text, obj)]
+            self._cmd(StartTimer(("delay", conn.id), delay))
+            return self._take()
+        self._handle(conn, text, obj)
         return self._take()
 
     def upstream_closed(self, conn_id: int, code: int | None, reason: str = "", dropped: bool = False) -> list[Command]:

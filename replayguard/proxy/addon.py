@@ -26,7 +26,7 @@ from .clock import CLOCK
 from .commands import SessionCommands
 from .destination import Destination, destination_of
 from .exposure import exposed
-from .flowview import MARK_FAILED, FlowView, RecordCatcher
+from .flowview import MARK_FAILED, FlowView
 from .live import Live, Match
 from .reporting import SessionLog
 from .routing import Router
@@ -59,9 +59,6 @@ class ReplayGuard:
         self.store = ChainStore()
         self.bridge = Bridge()
         self.router = Router(self)
-        # First in mitmproxy's chain, the one websocket_message hook of replayguard's (every hook an addon has costs
-        # each message a dispatch): in-band records out of the stream, and limits.flow_messages.
-        self.catcher = RecordCatcher(self._view_of)
         self.contentview: object | None = None
         self.alarm: DescriptorAlarm | None = None  # reports running out of file descriptors once per burst
         self.matched: dict[str, Match] = {}  # flow id -> match, until the router takes the flow
@@ -86,7 +83,6 @@ class ReplayGuard:
         if raised is not None:
             log.info("replayguard: raised the open-files limit from %d to %d", *raised)
         self.router.install()  # last in mitmproxy's chain: after every other addon's request hook
-        self.catcher.install()
         self.contentview = contentview.register()  # "Responses", chosen automatically for Responses messages
 
     def configure(self, updated: set[str]) -> None:
@@ -192,20 +188,25 @@ class ReplayGuard:
         self.flows.pop(flow.id, None)
         return refusal
 
-    def _view_of(self, flow_id: str) -> tuple[FlowView, int] | None:
-        """A live session's view of its flow, and how many messages the flow may keep (0: all)."""
-        live = self.flows.get(flow_id)
-        return (live.view, live.session.rules.limits.flow_messages) if live is not None else None
-
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         live = self.flows.get(flow.id)
         if live is not None:
             live.view.attach()
 
 
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        live = self.flows.get(flow.id)
+        if live is None or flow.websocket is None:
+            return
+        live.view.relayed_one(flow.websocket.messages[-1])  # records made after this message go after it
+        limit = live.session.rules.limits.flow_messages
+        if limit and len(flow.websocket.messages) > limit + limit // 10:  # trimmed in batches: O(1) a message
+            live.view.trim(limit)
+
     async def websocket_end(self, flow: http.HTTPFlow) -> None:
         live = self.flows.pop(flow.id, None)
         if live is not None:
+            live.view.flush()  # records still waiting for messages that never came through
             # The session closes its upstream side as the client leaves; its last records (the connection closed,
             # the session's end) belong in the flow, which mitmproxy saves right after this hook (-w, mitmweb).
             await live.session.wait_closed(SESSION_CLOSE_WAIT)
@@ -217,7 +218,6 @@ class ReplayGuard:
     def running(self) -> None:
         self._warn_if_exposed()
         self.router.ensure_last()
-        self.catcher.ensure_first()
         if self.alarm is None:
             self.alarm = DescriptorAlarm(asyncio.get_running_loop())
         CLOCK.start()  # timers that discount stalls of our own loop
@@ -265,8 +265,6 @@ class ReplayGuard:
         try:
             await self.bridge.stop(reloading=reloading)
         finally:
-            # The catcher stays until the sessions ended: records they send while closing still need taking out.
-            self.catcher.uninstall()
             CLOCK.stop()
             self.trace.close()
             # At exit the alarm stays: asyncio may still retry an accept after the servers closed (see its note).

@@ -15,14 +15,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from cryptography import x509
 from mitmproxy import certs, ctx, http
 from mitmproxy.connection import Server
-from mitmproxy.exceptions import AddonHalt
 from mitmproxy.hooks import UpdateHook
 from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
@@ -43,10 +41,6 @@ MAX_COMMENT_LINES = 20
 UPDATE_DELAY = 0.2  # seconds: mitmweb hears of replayguard's changes to a flow at most this often
 SKIPPED = frozenset({"turn.start", "turn.end"})  # the flow holds the client's own requests and events
 FROM_CLIENT = frozenset({"recovery"})  # requests replayguard sent upstream in the client's place
-# A record sent in-band on the bridge hop starts with this mark: mitmproxy relays it after everything the session
-# sent before it, so the flow holds it exactly where it happened; the websocket_message hook takes it out of the
-# stream (dropped: the client never gets it). A secret of the process: no upstream can forge one.
-RECORD_MARK = b"\x00replayguard-record:" + secrets.token_hex(16).encode() + b":"
 NOT_ON_THE_WIRE = "replayguard's own record: not a message on the wire"
 
 
@@ -64,9 +58,12 @@ class FlowView:
         self.destination = destination
         self.bodies = bodies
         self.pending: list[WebSocketMessage] = []  # records made before the WebSocket existed (open, handshake)
-        # Set while the session can send records in-band (its client is attached and open): they then reach the flow
-        # through mitmproxy, in order with the messages around them; else they are appended here directly.
-        self.sink: Callable[[bytes], None] | None = None
+        # Where a record goes among the messages: mitmproxy relays what the session sent its client a little later
+        # than the session sent it, so a record made after the session's Nth message to the client waits until
+        # mitmproxy has relayed that message (counted in websocket_message), and goes right after it.
+        self.sent = 0  # messages the session sent its client (through mitmproxy)
+        self.relayed = 0  # of them, relayed by mitmproxy so far
+        self.waiting: list[tuple[int, bytes, bool]] = []  # (after how many relayed, content, from_client)
         self.notes: list[str] = []  # comment lines
         self.counts = {"recoveries": 0, "faults": 0, "failed closed": 0}
         self.dropped = 0  # messages dropped from the flow under limits.flow_messages
@@ -90,15 +87,32 @@ class FlowView:
         elif isinstance(event, ev.UpstreamLost) and event.raw is not None:
             content["message"] = _json_or_text(event.raw)
         content["replayguard"] = NOT_ON_THE_WIRE
-        text = scrub(json.dumps(content, ensure_ascii=False, default=_default), self.secrets)
-        if self.sink is not None and self.flow.websocket is not None:
-            self.sink(RECORD_MARK + (b"c" if name in FROM_CLIENT else b"s") + text.encode())
-            return
-        self.append(text.encode(), name in FROM_CLIENT)
+        text = scrub(json.dumps(content, ensure_ascii=False, default=_default), self.secrets).encode()
+        ws = self.flow.websocket
+        if ws is not None and ws.timestamp_end is None and self.sent > self.relayed:
+            self.waiting.append((self.sent, text, name in FROM_CLIENT))  # after the messages still on their way
+        else:
+            self.append(text, name in FROM_CLIENT)
+
+    def relayed_one(self, message: WebSocketMessage) -> None:
+        """mitmproxy's websocket_message for this flow: a message the session sent its client has been relayed;
+        the records made after it go right after it."""
+        if message.from_client or message.injected:
+            return  # the client's own (already in the flow when the session heard it), or someone's injection
+        self.relayed += 1
+        while self.waiting and self.waiting[0][0] <= self.relayed:
+            _, content, from_client = self.waiting.pop(0)
+            self.append(content, from_client)
+
+    def flush(self) -> None:
+        """The WebSocket ended: records still waiting for a message that never came through go last."""
+        while self.waiting:
+            _, content, from_client = self.waiting.pop(0)
+            self.append(content, from_client)
 
     def append(self, content: bytes, from_client: bool) -> None:
-        """A record straight into the flow: before its WebSocket started (put first when it does), or after the
-        client left (nothing else comes after it)."""
+        """A record into the flow, now: after every message mitmproxy relayed for the session (or first, before the
+        WebSocket started)."""
         message = WebSocketMessage(Opcode.TEXT, from_client, content, time.time(), injected=True)
         message.dropped = True  # it never crossed the wire
         if self.flow.websocket is None:
@@ -106,19 +120,6 @@ class FlowView:
         else:
             self.flow.websocket.messages.append(message)
             self._update()
-
-    def take_record(self, message: WebSocketMessage) -> bool:
-        """mitmproxy's websocket_message for this flow: a record the session sent in-band is kept in the flow where
-        it arrived, marked as replayguard's, and not relayed to the client. True when it was one."""
-        if message.from_client or not message.content.startswith(RECORD_MARK):
-            return False
-        direction = message.content[len(RECORD_MARK):len(RECORD_MARK) + 1]
-        message.content = message.content[len(RECORD_MARK) + 1:]
-        message.from_client = direction == b"c"
-        message.injected = True
-        message.drop()
-        self._update()
-        return True
 
     def attach(self) -> None:
         """The WebSocket exists (mitmproxy's websocket_start): the records made before it go first."""
@@ -230,41 +231,6 @@ class FlowView:
             ctx.master.addons.trigger(UpdateHook([self.flow]))
         except Exception:  # no master (unit tests) or shutting down
             pass
-
-
-class RecordCatcher:
-    """Takes the records sessions send in-band out of the message stream, first in mitmproxy's chain: the flow keeps
-    each where it arrived, marked injected and dropped, and no later addon (the console's dumper, other scripts)
-    sees it as a message that crossed the wire; mitmweb still hears of the change."""
-
-    def __init__(self, views: Callable[[str], "tuple[FlowView, int] | None"]) -> None:
-        self.views = views  # flow id -> its live session's view and limits.flow_messages
-        # Unique in mitmproxy's addon registry, per instance: across a script reload the old catcher stays until the
-        # old sessions have ended (their records carry the old module's mark), beside the new one.
-        self.name = f"replayguard-records-{secrets.token_hex(4)}"
-
-    def install(self) -> None:
-        ctx.master.addons.add(self)
-
-    def ensure_first(self) -> None:
-        addons = ctx.master.addons
-        if self in addons.chain and addons.chain[0] is not self:
-            addons.chain = [self] + [a for a in addons.chain if a is not self]  # rebound: it may be iterated
-
-    def uninstall(self) -> None:
-        addons = ctx.master.addons
-        if addons.get(self.name) is self:
-            addons.remove(self)
-
-    def websocket_message(self, flow: http.HTTPFlow) -> None:
-        found = self.views(flow.id)
-        if found is None or flow.websocket is None:
-            return
-        view, limit = found
-        if view.take_record(flow.websocket.messages[-1]):
-            raise AddonHalt()  # the rest of the chain sees no message: none crossed the wire
-        if limit and len(flow.websocket.messages) > limit + limit // 10:  # trimmed in batches: O(1) a message
-            view.trim(limit)
 
 
 def _json_or_text(text: str) -> Any:

@@ -28,7 +28,7 @@ from ..core.messages import STEP, dumps_steps, is_delta, parse_steps
 from ..core.recovery import Refusal
 from ..core.redact import redact_url
 from .clock import CLOCK
-from .flowview import RECORD_MARK, FlowView
+from .flowview import FlowView
 from .rules import Rules
 from .upstream import OVERLOADED, HandshakeFailed, Target, Upstream, ms_since, open_upstream
 
@@ -68,8 +68,7 @@ class Session:
         self._client_closed = False  # replayguard closed the client itself
         self._finished = asyncio.Event()
         self._crashing = False
-        self.view = view  # the flow mitmproxy keeps: replayguard's records go into it in-band (see _do)
-        self._records: list[bytes] = []  # records to send in-band after the event that made them
+        self.view = view  # the flow mitmproxy keeps: it places records after the messages sent before them
 
     # -- what the rest of the proxy asks ---------------------------------------------------------------------
     @property
@@ -123,8 +122,6 @@ class Session:
             await self._to_client(message)
         if self.client_keepalive > 0:
             self._spawn(self._keep_client_alive())
-        if self.view is not None:
-            self.view.sink = self._records.append  # from now on records travel with the client's messages
         reason = "closed"
         try:
             async for message in client:
@@ -169,7 +166,11 @@ class Session:
         """Feed one input to the core and carry out its commands, one input at a time."""
         try:
             async with self._lock:
-                await self._do_all(method(*args), where)
+                for command in method(*args):
+                    if type(command) is p.SendClient:  # most of a stream: no detour through _do
+                        await self._to_client(command.text)
+                    else:
+                        await self._do(command)
         except Exception as e:
             await self._crashed(where, e)
 
@@ -182,7 +183,6 @@ class Session:
             await self._to_client(c.text)
         elif isinstance(c, p.Emit):
             self.emit(c.event)
-            await self._send_records()
         elif isinstance(c, p.SendUpstream):
             await self._send_upstream(c)
         elif isinstance(c, p.StartTimer):
@@ -228,33 +228,12 @@ class Session:
             text = c.text
         if c.recovered is not None:
             self.emit(replace(c.recovered, sent=text if isinstance(text, str) else "", size=len(text)))
-            await self._send_records()  # in the flow before anything the upstream answers to it
         if conn is None:
             return  # it closed meanwhile: its reader reports that, and the core recovers what was on it
         try:
             await conn.ws.send(text)
         except ConnectionClosed:
             pass  # its reader reports the loss
-
-    async def _send_records(self) -> None:
-        """Records the flow view made for the event just emitted, sent in-band: mitmproxy relays them after every
-        message sent before them, and its websocket_message hook keeps them in the flow there (not for the client).
-        A record the client's connection can no longer carry goes into the flow directly (nothing follows it)."""
-        while self._records:
-            record = self._records.pop(0)
-            client = self.client
-            try:
-                if client is None:
-                    raise ConnectionClosed(None, None)
-                await client.send(record.decode("utf-8"))  # a text frame, as the flow shows it
-            except ConnectionClosed:
-                self._detach_view()
-                if self.view is not None:
-                    self.view.append(record[len(RECORD_MARK) + 1:], record[len(RECORD_MARK):][:1] == b"c")
-
-    def _detach_view(self) -> None:
-        if self.view is not None:
-            self.view.sink = None
 
     async def _to_client(self, message: str | bytes) -> None:
         if self.client is None:
@@ -263,7 +242,9 @@ class Session:
         try:
             await self.client.send(message)
         except ConnectionClosed:
-            pass  # the client reader reports the client gone
+            return  # the client reader reports the client gone
+        if self.view is not None:
+            self.view.sent += 1  # records made from now on go after this message in the flow
 
     # -- upstream connections -------------------------------------------------------------------------------------
     async def _open(self, c: p.OpenUpstream) -> HandshakeFailed | None:
@@ -356,7 +337,6 @@ class Session:
     # -- the end -----------------------------------------------------------------------------------------------
     def _finish(self) -> None:
         """The core says the session is over: timers stop, connections close, the chain stays resumable."""
-        self._detach_view()  # the client's connection is closing: the last records go into the flow directly
         current = asyncio.current_task()
         for task in list(self._timers.values()):
             if task is not current:
