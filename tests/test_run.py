@@ -342,7 +342,8 @@ def test_interactive_session_owns_the_terminal(localhost, ca, rules, tmp_path):
 @pytest.mark.skipif(not CODEX, reason="Codex CLI not installed (.ci/run installs it with npm)")
 def test_interactive_codex(named, corp, ca, rules, tmp_path):
     """The Codex TUI on a terminal through `run`: a prompt pasted and sent, its tool call answered through a silent
-    upstream and a drop, Ctrl-C twice to quit (the TUI's own way out), and the summary after it."""
+    upstream and a drop, Ctrl-C to quit (the TUI's own way out; a second one only if it asks for it), and the
+    summary after it."""
     home = tmp_path / "codex-home"
     home.mkdir()
     (home / "config.toml").write_text(CODEX_CONFIG.format(port=named.port))
@@ -362,9 +363,10 @@ def test_interactive_codex(named, corp, ca, rules, tmp_path):
         term.expect(r"tool said:", timeout=90, since=mark)
         term.expect(r"state=(idle|done)", timeout=30, since=mark)
         mark = len(term.output)
-        term.type("\x03")  # the first Ctrl-C: the TUI asks for a second one
-        term.expect(r"\S", since=mark)
-        term.type("\x03")
+        term.type("\x03")  # idle, Codex 0.171 shuts down at once; others ask for a second one
+        said = term.expect(r"(?i)again|Shutting down", timeout=30, since=mark).group(0)
+        if "shutting" not in said.lower():
+            term.type("\x03")  # a second one while it shuts down would kill it with SIGINT: only when asked
         assert term.wait() == 0, term.output
     finally:
         term.close()
