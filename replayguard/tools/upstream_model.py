@@ -96,7 +96,7 @@ def validate(context: list[Any], store: bool) -> None:
                 got = {dict: "an object", list: "an array"}.get(type(item[key]), type(item[key]).__name__)
                 raise RequestFailed(400, "invalid_type", f"Invalid type for 'input[{index}].{key}': expected a string, "
                                     f"but got {got} instead.", f"input[{index}].{key}")
-        if kind == "item_reference" or (set(item) <= {"id", "type"} and "id" in item):
+        if kind == "item_reference" or ("id" in item and len(item) <= 2 and set(item) <= {"id", "type"}):
             if not store:
                 raise RequestFailed(400, None, f"Item with id '{item.get('id')}' not found. Items are not persisted "
                                     "when store is false.", "input")
@@ -119,8 +119,8 @@ def validate(context: list[Any], store: bool) -> None:
 
 def _wants_failure(context: list[Any]) -> bool:
     """The scripted model fails (response.failed) a request whose last user message says FAIL."""
-    users = [i for i in context if isinstance(i, dict) and i.get("role") == "user"]
-    return bool(users) and "FAIL" in text_of(users[-1])
+    last = next((i for i in reversed(context) if isinstance(i, dict) and i.get("role") == "user"), None)
+    return last is not None and "FAIL" in text_of(last)
 
 
 def input_items(value: Any) -> list[Any]:
