@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tls.py
 sys.path.insert(1, str(ROOT))
 
 from replayguard.tools.fake_upstream import FakeUpstream  # noqa: E402
-from replayguard.tools.harness import Mitmdump  # noqa: E402
+from replayguard.tools.harness import Mitmdump, mitmdump_command  # noqa: E402
+from forkserver import ForkServer  # noqa: E402
 
 SECRET_MARK = "SECRET"  # every credential the tests send contains it
 
@@ -143,6 +144,27 @@ def fake() -> Iterator[FakeUpstream]:
         upstream.stop()
 
 
+_FORK_SERVER: list[ForkServer] = []
+
+
+class ForkedMitmdump(Mitmdump):
+    """A mitmdump forked from the fork server (tests/forkserver.py) where that changes nothing the test sees: the
+    installed mitmdump otherwise (an environment of the test's own, open-files limits)."""
+
+    def _launch(self, env: dict[str, str]) -> Any:
+        if self.extra_env or self.nofile or os.environ.get("REPLAYGUARD_NO_FORK"):
+            return super()._launch(env)
+        if not _FORK_SERVER:
+            _FORK_SERVER.append(ForkServer())
+        args = self.command()[len(mitmdump_command(self.TOOL)):]
+        return _FORK_SERVER[0].spawn(["mitmdump", *args], str(self.tmp), env)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for server in _FORK_SERVER:
+        server.close()
+
+
 @pytest.fixture
 def mitm(tmp_path: Path) -> Iterator[Callable[..., Mitmdump]]:
     """Factory: mitm(fake, mode="reverse"|"regular", **section_overrides) -> a started Mitmdump."""
@@ -165,7 +187,7 @@ def mitm(tmp_path: Path) -> Iterator[Callable[..., Mitmdump]]:
         work.mkdir()
         if not any("replayguard_trace=" in a for a in extra):
             extra += ["--set", f"replayguard_trace={work / 'trace.jsonl'}"]  # every scenario is traced
-        proc = Mitmdump(work, extra, merged, env=env, ready=ready, verbosity=verbosity, nofile=nofile)
+        proc = ForkedMitmdump(work, extra, merged, env=env, ready=ready, verbosity=verbosity, nofile=nofile)
         started.append(proc)
         return proc.start()
 

@@ -99,10 +99,7 @@ class Mitmdump:
     def start(self, timeout: float = 30) -> "Mitmdump":
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         env.update(self.extra_env)
-        self.proc = subprocess.Popen(
-            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=self.tmp,
-            preexec_fn=self._limits if self.nofile else None,
-        )
+        self.proc = self._launch(env)
         threading.Thread(target=self._pump, daemon=True).start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -121,6 +118,13 @@ class Mitmdump:
                 raise StartFailed(f"{self.TOOL} exited with {self.proc.returncode}", self.log)
             time.sleep(0.05)
         raise StartFailed(f"{self.TOOL} did not start within {timeout:g} s", self.log)
+
+    def _launch(self, env: dict[str, str]) -> Any:
+        """The process, with its output on ``stdout`` (a subclass may start it another way)."""
+        return subprocess.Popen(
+            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=self.tmp,
+            preexec_fn=self._limits if self.nofile else None,
+        )
 
     def _limits(self) -> None:
         import resource
