@@ -405,6 +405,13 @@ def test_exit_status_passes_through(tmp_path, script, status, said):
     assert said in result.stderr and "sessions 0, turns 0" in result.stderr
 
 
+def _signals_as_in_a_terminal() -> None:
+    """Started from `nohup` or a background job, the test runner may hand its children SIGHUP or SIGINT ignored,
+    which `run` rightly keeps ignored: these tests start `run` as a shell in a terminal would."""
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 42), (signal.SIGHUP, 42), (signal.SIGINT, 130)])
 def test_signals_sent_to_run_reach_command(tmp_path, sig, status):
     """Without a terminal nothing else delivers them: `run` forwards SIGTERM, SIGHUP and SIGINT to COMMAND and
@@ -416,7 +423,7 @@ def test_signals_sent_to_run_reach_command(tmp_path, sig, status):
                "time.sleep(120)\n")
     proc = subprocess.Popen(RUN + ["--", sys.executable, "-c", program], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=tmp_path,
-                            start_new_session=True)  # no terminal
+                            start_new_session=True, preexec_fn=_signals_as_in_a_terminal)  # no terminal
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "waiting\n"
         proc.send_signal(sig)
@@ -427,6 +434,20 @@ def test_signals_sent_to_run_reach_command(tmp_path, sig, status):
         stderr = proc.communicate()[1]
     port = banner_port(stderr)
     assert not listens(port)
+
+
+def test_a_hangup_ignored_for_run_stays_ignored_for_command(tmp_path):
+    """Under `nohup replayguard run -- COMMAND`, COMMAND is as immune to SIGHUP as it would be under `nohup COMMAND`."""
+    def nohup() -> None:
+        _signals_as_in_a_terminal()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    program = "import signal; print(signal.getsignal(signal.SIGHUP) == signal.SIG_IGN)"
+    result = subprocess.run(RUN + ["--", sys.executable, "-c", program], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, env=clean_env(), cwd=tmp_path, timeout=TIMEOUT,
+                            start_new_session=True, preexec_fn=nohup)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "True\n", result.stdout
 
 
 def test_a_proxy_that_dies_under_command_is_reported(tmp_path):
