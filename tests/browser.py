@@ -51,6 +51,15 @@ class Page:
             time.sleep(0.1)
         raise AssertionError(f"{text!r} never showed in {selector}: {self.text(selector)[:2000]!r}")
 
+    def wait_loaded(self, timeout: float = 20) -> None:
+        """Until the document has been parsed whole: a big static page shows its first lines long before its last."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.eval("document.readyState") == "complete":
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"the page did not finish loading within {timeout:g} s")
+
     def click(self, selector: str) -> bool:
         return bool(self.eval(f"(e => (e && e.click(), !!e))(document.querySelector({json.dumps(selector)}))"))
 

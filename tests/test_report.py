@@ -95,6 +95,7 @@ def test_the_page_draws_the_model_from_every_format(recorded, browser, tmp_path)
         want = expected(source)
         page = browser.open(page_path.as_uri())
         page.wait_for_text("replayguard chain report")
+        page.wait_loaded()
         drawn = page.eval(DRAWN)
         assert drawn["dangling"] == [] and drawn["fetched"] == 0 and drawn["active"] == 0, (name, drawn)
         assert drawn["csp"].startswith("default-src 'none'"), name
@@ -116,6 +117,7 @@ def test_a_recovered_session_shows_where_it_recovered_and_what_was_orphaned(reco
     write_page(recorded.trace, page_path)
     page = browser.open(page_path.as_uri())
     page.wait_for_text("replayguard chain report")
+    page.wait_loaded()
     # The replays are in the rows of the turns they replayed; the drop and the cache loss before them.
     assert page.eval("!!document.querySelector('#s0-t3 .track .marker.replay')")
     assert page.eval("!!document.querySelector('#s0-t5 .track .marker.replay')")
@@ -183,6 +185,7 @@ def test_a_hostile_recording_draws_as_text(browser, tmp_path):
     write_page(source, page_path)
     page = browser.open(page_path.as_uri())
     page.wait_for_text("replayguard chain report")
+    page.wait_loaded()
     assert page.eval("document.title").startswith("replayguard chain report")
     assert page.eval("document.querySelectorAll('script, img, svg, iframe').length") == 0
     assert "<script>document.title='pwned'</script>" in page.eval("document.body.textContent")  # shown as text
