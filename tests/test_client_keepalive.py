@@ -6,6 +6,7 @@ with tests/short_tcp_timeout.py."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 import time
@@ -63,3 +64,43 @@ def test_a_client_that_stops_answering_pings_is_gone(fake, mitm):
     proxy.wait_log(r"the client answered no ping within 0\.5s; treated as gone", timeout=10)
     assert fake.wait_for(lambda: fake.open_connections() == 0)  # its upstream connection is closed
     sock.close()
+
+
+def test_a_client_that_answers_no_ping_during_a_turn_reads_why_before_the_close(fake, mitm):
+    """Too busy to answer pings, not gone: when it reads again, a structured error (a 5xx it retries) precedes the
+    close, as for every other end of a turn in flight."""
+    from wsproto.connection import Connection, ConnectionType
+    from wsproto.events import CloseConnection, Message, TextMessage
+
+    fake.response_delay = 5  # the turn is still in flight when the pings go unanswered
+    proxy = mitm(fake, client={"keepalive_interval": 0.3, "pong_timeout": 0.5})
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /v1/responses HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert b" 101 " in head.split(b"\r\n")[0]
+    ws = Connection(ConnectionType.CLIENT)
+    sock.sendall(ws.send(Message(data='{"type": "response.create", "model": "m", "store": false, '
+                                      '"input": [{"role": "user", "content": "hi"}]}')))
+    # ...and now the client reads nothing, so it answers no ping.
+    proxy.wait_log(r"the client answered no ping within 0\.5s; treated as gone", timeout=10)
+    sock.settimeout(10)
+    texts: list[dict] = []
+    closed: int | None = None
+    while closed is None:
+        data = sock.recv(65536)
+        if not data:
+            break
+        ws.receive_data(data)
+        for event in ws.events():
+            if isinstance(event, TextMessage):
+                texts.append(json.loads(event.data))
+            elif isinstance(event, CloseConnection):
+                closed = event.code
+    sock.close()
+    assert [e["type"] for e in texts] == ["error"], texts
+    assert texts[0]["status"] == 503 and texts[0]["error"]["code"] == "replayguard_client_unresponsive", texts
+    assert closed == 1011

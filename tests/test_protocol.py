@@ -319,3 +319,25 @@ def test_a_turn_waiting_on_a_keepalive_ping_goes_when_it_is_answered():
     sim.feed(sim.protocol.ping_result(1, True, "keepalive"))
     sim.run_upstream()
     assert sim.last_response()["status"] == "completed" and len(sim.upstreams) == 1
+
+
+def test_a_client_that_answers_no_ping_during_a_turn_is_told_why_before_the_close():
+    sim = Sim().start()
+    r1 = chain_turn(sim, "hi")
+    sim.create(previous_response_id=r1["id"], input=[user("more")])
+    sim.feed(sim.protocol.client_unresponsive(1.5))
+    error = sim.client[-1]
+    assert error["type"] == "error" and error["status"] == 503, error
+    assert error["error"]["code"] == "replayguard_client_unresponsive" and "1.5s" in error["error"]["message"]
+    assert sim.closed is not None and sim.closed[0] == 1011 and sim.finished
+    assert [e.reason for e in sim.of(ev.TurnEnded)][-1] == ev.FAILED_CLOSED
+
+
+def test_an_idle_client_that_answers_no_ping_is_closed_without_an_event():
+    sim = Sim().start()
+    chain_turn(sim, "hi")
+    seen = len(sim.client)
+    sim.feed(sim.protocol.client_unresponsive(1.5))
+    assert len(sim.client) == seen  # no turn to tell about
+    assert sim.closed == (1011, "client did not answer pings") and sim.finished
+    assert isinstance(sim.records[-1], ev.SessionEnded)

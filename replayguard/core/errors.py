@@ -18,6 +18,7 @@ application instead (the README's "What each client does with them" has the few 
 | an internal error of replayguard's         | 500    | server_error          | replayguard_internal_error    | 1011  |
 | the proxy stops during a turn              | 503    | server_error          | replayguard_shutting_down     | 1001  |
 | the addon is reloaded during a turn        | 503    | server_error          | replayguard_reloaded          | 1012  |
+| the client answered no ping during a turn  | 503    | server_error          | replayguard_client_unresponsive | 1011 |
 """
 
 from __future__ import annotations
@@ -87,3 +88,10 @@ RELOADED = "replayguard_reloaded"
 
 def reloaded(message: str) -> dict[str, Any]:
     return error_event(503, "server_error", RELOADED, message)
+
+
+CLIENT_UNRESPONSIVE = "replayguard_client_unresponsive"
+
+
+def client_unresponsive(message: str) -> dict[str, Any]:
+    return error_event(503, "server_error", CLIENT_UNRESPONSIVE, message)

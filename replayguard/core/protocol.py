@@ -52,8 +52,8 @@ from . import events as ev
 from .chain import Chain, Lane, RequestError, Turn, normalize_input, resolves
 from .faults import FaultInjector, FaultKind, FaultRule, Fired
 from .messages import is_delta, lane_of, parse
-from .recovery import (Action, Decision, Policy, Refusal, Situation, Trigger, decide, handshake_failed,
-                       internal_error, reloading, shutting_down)
+from .recovery import (Action, Decision, Policy, Refusal, Situation, Trigger, client_unresponsive, decide,
+                       handshake_failed, internal_error, reloading, shutting_down)
 
 Clock = Callable[[], float]
 
@@ -465,7 +465,7 @@ class Protocol:
         return self._take()
 
     def client_gone(self, reason: str) -> list[Command]:
-        """The client closed its connection, or stopped answering pings (``reason`` says which)."""
+        """The client closed its connection (``reason`` says how)."""
         with self._input():
             if self.state is State.CLOSED:
                 return self._take()
@@ -473,6 +473,20 @@ class Protocol:
                 self.chain.abort(flight.turn)
                 self._emit(ev.TurnEnded(flight.turn, None, None, ev.CLIENT_LEFT, self._ms(flight)))
             self._end(reason)
+        return self._take()
+
+    def client_unresponsive(self, timeout: float) -> list[Command]:
+        """The client answered no ping within ``timeout``: it is gone. A turn in flight fails closed with a
+        retryable error (never a silent end: a client that was only slow to answer learns why); an idle client is
+        closed 1011."""
+        with self._input():
+            if self.state is State.CLOSED:
+                return self._take()
+            if self._flights():
+                self._fail_closed(client_unresponsive(timeout))
+            else:
+                self._cmd(CloseClient(errors.CLOSE_INTERNAL, "client did not answer pings"))
+                self._end("client stopped answering pings")
         return self._take()
 
     def shutdown(self, reloading_: bool = False) -> list[Command]:

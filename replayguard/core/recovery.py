@@ -116,6 +116,13 @@ def shutting_down() -> Decision:
     return _fail(reason, errors.shutting_down(reason), errors.CLOSE_GOING_AWAY)
 
 
+def client_unresponsive(timeout: float) -> Decision:
+    """The client answered no ping within ``timeout`` with a turn in flight: it is treated as gone, but a client that
+    was only too busy to answer reads why, with an error it retries (a 5xx), before the close."""
+    reason = f"the client answered no ping within {timeout:g}s; reconnect and retry the turn"
+    return _fail(reason, errors.client_unresponsive(reason))
+
+
 def reloading() -> Decision:
     """The addon is being reloaded (its script or package was edited) with a turn in flight: a retryable error, and
     the close code for a service restart; the client reconnects to the new code."""

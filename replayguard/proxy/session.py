@@ -319,9 +319,7 @@ class Session:
                 return
             except asyncio.TimeoutError:
                 log.info("flow %s: the client answered no ping within %gs; treated as gone", self.flow_id, timeout)
-                self._client_closed = True
-                await self._close_client(1011, "client did not answer pings")
-                await self._input("the client keepalive", self.protocol.client_gone, "client stopped answering pings")
+                await self._input("the client keepalive", self.protocol.client_unresponsive, timeout)
                 return
 
     async def _close_client(self, code: int, reason: str) -> None:
