@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from websockets.sync.client import connect
 
@@ -43,22 +43,23 @@ class Page:
     def text(self, selector: str = "body") -> str:
         return self.eval(f"(document.querySelector({json.dumps(selector)})?.innerText || '')")
 
-    def wait_for_text(self, text: str, selector: str = "body", timeout: float = 20) -> None:
+    @staticmethod
+    def _until(check: Callable[[], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in self.text(selector):
-                return
+            if check():
+                return True
             time.sleep(0.1)
-        raise AssertionError(f"{text!r} never showed in {selector}: {self.text(selector)[:2000]!r}")
+        return False
+
+    def wait_for_text(self, text: str, selector: str = "body", timeout: float = 20) -> None:
+        if not self._until(lambda: text in self.text(selector), timeout):
+            raise AssertionError(f"{text!r} never showed in {selector}: {self.text(selector)[:2000]!r}")
 
     def wait_loaded(self, timeout: float = 20) -> None:
         """Until the document has been parsed whole: a big static page shows its first lines long before its last."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.eval("document.readyState") == "complete":
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"the page did not finish loading within {timeout:g} s")
+        if not self._until(lambda: self.eval("document.readyState") == "complete", timeout):
+            raise AssertionError(f"the page did not finish loading within {timeout:g} s")
 
     def click(self, selector: str) -> bool:
         return bool(self.eval(f"(e => (e && e.click(), !!e))(document.querySelector({json.dumps(selector)}))"))

@@ -12,7 +12,6 @@ Run as a script, this file is the server. Messages over a SOCK_SEQPACKET socket 
 
 from __future__ import annotations
 
-import array
 import json
 import os
 import queue
@@ -134,8 +133,8 @@ def _child(sock: socket.socket, wake_r: int, wake_w: int, out: int, request: dic
 class ForkedProcess:
     """What the tests use of ``subprocess.Popen``, for a child of the fork server."""
 
-    def __init__(self, server: "ForkServer", pid: int, stdout: IO[str]) -> None:
-        self.server, self.pid, self.stdout = server, pid, stdout
+    def __init__(self, pid: int, stdout: IO[str]) -> None:
+        self.pid, self.stdout = pid, stdout
         self.returncode: int | None = None
         self.ended = threading.Event()
 
@@ -205,7 +204,7 @@ class ForkServer:
         if "pid" not in reply:
             os.close(read)
             raise RuntimeError(reply.get("error", "the fork server did not answer"))
-        child = ForkedProcess(self, reply["pid"], open(read, encoding="utf-8", errors="replace"))
+        child = ForkedProcess(reply["pid"], open(read, encoding="utf-8", errors="replace"))
         with self.lock:
             code = self.early.pop(child.pid, None)
             if code is None:

@@ -52,13 +52,23 @@ def test_an_idle_client_outlives_mitmproxys_idle_timeout(fake, mitm, tmp_path):
         plain.stop()
 
 
+def raw_websocket(port: int) -> socket.socket:
+    """A client socket past its WebSocket handshake (the 101 read to its end, no frame after it), that answers
+    nothing unless the test makes it."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /v1/responses HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert b" 101 " in head.split(b"\r\n")[0]
+    return sock
+
+
 def test_a_client_that_stops_answering_pings_is_gone(fake, mitm):
     proxy = mitm(fake, client={"keepalive_interval": 0.3, "pong_timeout": 0.5}, limits={"resume_ttl": 60})
-    sock = socket.create_connection(("127.0.0.1", proxy.port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET /v1/responses HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    assert b" 101 " in sock.recv(4096).split(b"\r\n")[0]
+    sock = raw_websocket(proxy.port)
     assert fake.wait_for(lambda: fake.open_connections() == 1)
     # ...and now the client reads nothing, so it answers no ping.
     proxy.wait_log(r"the client answered no ping within 0\.5s; treated as gone", timeout=10)
@@ -74,14 +84,7 @@ def test_a_client_that_answers_no_ping_during_a_turn_reads_why_before_the_close(
 
     fake.response_delay = 5  # the turn is still in flight when the pings go unanswered
     proxy = mitm(fake, client={"keepalive_interval": 0.3, "pong_timeout": 0.5})
-    sock = socket.create_connection(("127.0.0.1", proxy.port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET /v1/responses HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert b" 101 " in head.split(b"\r\n")[0]
+    sock = raw_websocket(proxy.port)
     ws = Connection(ConnectionType.CLIENT)
     sock.sendall(ws.send(Message(data='{"type": "response.create", "model": "m", "store": false, '
                                       '"input": [{"role": "user", "content": "hi"}]}')))
