@@ -53,6 +53,7 @@ class Sim:
         self.finished: str | None = None
         self.inbox: deque[Callable[[], list[p.Command]]] = deque()
         self.client_gone = False
+        self.pings_unanswered = False  # the client stopped answering pings: replayguard treats it as gone
         self.sent_after_gone: list[str] = []
         self.turn_sends: dict[int, int] = {}  # turn number -> creates sent upstream for it
 
@@ -83,7 +84,7 @@ class Sim:
             text = c.text if c.text is not None else json.dumps(c.body)
             if c.recovered is not None:
                 self.records.append(replace(c.recovered, sent=text if isinstance(text, str) else "", size=len(text)))
-            if self.client_gone:
+            if self.client_gone or self.pings_unanswered:
                 self.sent_after_gone.append(str(text))
             if c.turn is not None:
                 self.turn_sends[c.turn] = self.turn_sends.get(c.turn, 0) + 1
@@ -228,6 +229,11 @@ class Sim:
     def leave(self) -> None:
         self.client_gone = True
         self.feed(self.protocol.client_gone("client closed (1000)"))
+
+    def stop_answering_pings(self, timeout: float = 1.0) -> None:
+        """The client keepalive's pong timeout ran out: the client is still connected and reads what it is sent."""
+        self.pings_unanswered = True
+        self.feed(self.protocol.client_unresponsive(timeout))
 
     # -- reading what happened ------------------------------------------------------------------------------------
     def terminals(self, lane: str | None = None) -> list[dict[str, Any]]:

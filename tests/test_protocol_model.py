@@ -98,6 +98,19 @@ class Session(RuleBasedStateMachine):
         if chance == 0:  # rarely: a session that ends early tests little else
             self.sim.leave()
 
+    @precondition(lambda self: self.active())
+    @rule(chance=st.integers(0, 9))
+    def stop_answering_pings(self, chance: int) -> None:
+        if chance == 0:
+            lanes = {t.lane for t in self.sim.protocol.turns_in_flight()}
+            seen = len(self.sim.client)
+            self.sim.stop_answering_pings()
+            told = self.sim.client[seen:]
+            # Still connected: each lane in flight reads why (never a silent close), an idle client only the close.
+            assert [e["error"]["code"] for e in told] == ["replayguard_client_unresponsive"] * len(lanes), told
+            assert {e.get("stream_id") for e in told} == lanes
+            assert self.sim.closed is not None and self.sim.closed[0] == 1011 and self.sim.finished
+
     # -- the upstream -------------------------------------------------------------------------------------------
     @precondition(lambda self: self.active())
     @rule(pick=st.integers(0, 5), count=st.integers(1, 12))
