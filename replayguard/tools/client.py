@@ -6,19 +6,22 @@ function_call); even turns send its function_call_output chained with previous_r
 Each turn prints one line. Exit status: 0 every turn completed; 1 a turn ended in an error event, or the
 connection closed or went silent mid-run; 2 no WebSocket could be opened (refused, unreachable, handshake answered
 with an HTTP error, TLS not trusted). Every failure is one line on stderr.
+
+It runs on websockets' asyncio client, not the threaded one: the threaded client reads the socket in a thread of
+its own while the caller writes, and two threads using one TLS connection at once is unsafe in OpenSSL; over TLS 1.3
+the session tickets a server sends right after the handshake made the first request hang now and then.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import socket
 import ssl
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
-from websockets.sync.client import ClientConnection, connect
 
 from ..core.chain import TERMINAL
 from .failure import FAILED, ToolError, describe
@@ -28,13 +31,18 @@ def run(url: str, turns: int, headers: dict[str, str], store: bool = False, time
         connect_to: tuple[str, int] | None = None, cafile: str | None = None, proxy: str | None = None) -> int:
     """Drive the chain. ``connect_to`` opens the TCP connection to that address while the URL's host is still the
     name sent in SNI and Host (as curl's --connect-to); ``cafile`` is the CA to trust for wss (mitmproxy's)."""
-    ws = _open(url, headers, timeout, connect_to, cafile, proxy)
-    with ws:
-        return _turns(ws, turns, store, timeout)
+    return asyncio.run(_run(url, turns, headers, store, timeout, connect_to, cafile, proxy))
 
 
-def _open(url: str, headers: dict[str, str], timeout: float, connect_to: tuple[str, int] | None,
-          cafile: str | None, proxy: str | None) -> ClientConnection:
+async def _run(url: str, turns: int, headers: dict[str, str], store: bool, timeout: float,
+               connect_to: tuple[str, int] | None, cafile: str | None, proxy: str | None) -> int:
+    ws = await _open(url, headers, timeout, connect_to, cafile, proxy)
+    async with ws:
+        return await _turns(ws, turns, store, timeout)
+
+
+async def _open(url: str, headers: dict[str, str], timeout: float, connect_to: tuple[str, int] | None,
+                cafile: str | None, proxy: str | None) -> ClientConnection:
     """The WebSocket, or a ToolError that says in one line why there is none."""
     kwargs: dict[str, Any] = {"proxy": proxy}
     try:
@@ -44,12 +52,9 @@ def _open(url: str, headers: dict[str, str], timeout: float, connect_to: tuple[s
         raise ToolError(f"cannot use CA file {cafile}: {describe(e)}") from None
     where = f"{connect_to[0]}:{connect_to[1]}" if connect_to else (f"{url} through {proxy}" if proxy else url)
     try:
-        if connect_to is not None:
-            kwargs["sock"] = socket.create_connection(connect_to, timeout=timeout)
-            kwargs.pop("proxy")
-            if url.startswith("wss:"):
-                kwargs["server_hostname"] = urlsplit(url).hostname
-        return connect(url, additional_headers=headers, max_size=None, open_timeout=timeout, **kwargs)
+        if connect_to is not None:  # the TCP connection goes there; SNI and Host still name the URL's host
+            kwargs.update(host=connect_to[0], port=connect_to[1], proxy=None)
+        return await connect(url, additional_headers=headers, max_size=None, open_timeout=timeout, **kwargs)
     except InvalidStatus as e:
         body = e.response.body.decode(errors="replace").strip().replace("\n", " ")
         raise ToolError(f"{url} answered the WebSocket handshake with HTTP {e.response.status_code}"
@@ -65,7 +70,7 @@ def _open(url: str, headers: dict[str, str], timeout: float, connect_to: tuple[s
         raise ToolError(f"cannot connect to {where}: {e}") from None
 
 
-def _turns(ws: ClientConnection, turns: int, store: bool, timeout: float) -> int:
+async def _turns(ws: ClientConnection, turns: int, store: bool, timeout: float) -> int:
     previous: str | None = None
     pending_call: dict[str, Any] | None = None
     for number in range(1, turns + 1):
@@ -79,9 +84,9 @@ def _turns(ws: ClientConnection, turns: int, store: bool, timeout: float) -> int
             request["previous_response_id"] = previous
         started = time.monotonic()
         try:
-            ws.send(json.dumps(request))
+            await ws.send(json.dumps(request))
             while True:
-                event = json.loads(ws.recv(timeout=timeout))
+                event = json.loads(await asyncio.wait_for(ws.recv(), timeout))
                 if event.get("type") in TERMINAL:
                     break
         except ConnectionClosed as e:
