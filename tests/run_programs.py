@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -53,9 +54,6 @@ def interactive(url: str) -> int:
     """Reads lines: `exit N` exits with N; `orphan` sends a tool output whose call the upstream never made (it
     answers with an error); any other line is the next turn of a tool-call chain. Each outcome is printed, with
     what a terminal program sees: a TTY, the window size and its changes, Ctrl-C (handled: it goes on)."""
-    from websockets.exceptions import ConnectionClosed
-    from websockets.sync.client import connect
-
     def size() -> str:
         try:
             got = os.get_terminal_size(sys.stdout.fileno())
@@ -66,12 +64,22 @@ def interactive(url: str) -> int:
     signal.signal(signal.SIGWINCH, lambda *_: print(f"resized {size()}", flush=True))
     signal.signal(signal.SIGINT, lambda *_: print("got SIGINT", flush=True))
     print(f"tty {sys.stdin.isatty()} {sys.stdout.isatty()} size {size()}", flush=True)
+    return asyncio.run(_interactive(url))
+
+
+async def _interactive(url: str) -> int:
+    # websockets' asyncio client: its threaded client reads the TLS connection in a thread of its own while the
+    # caller writes, which OpenSSL does not allow and which now and then hung the first request over TLS 1.3.
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    loop = asyncio.get_running_loop()
     headers = {"Authorization": f"Bearer {os.environ['OPENAI_API_KEY']}"}
-    with connect(url, additional_headers=headers, open_timeout=30) as ws:  # proxy and CA: from the environment
+    async with connect(url, additional_headers=headers, open_timeout=30) as ws:  # proxy and CA: from the environment
         previous = pending = None
         n = 0
         print("ready>", flush=True)
-        for line in sys.stdin:
+        while line := await loop.run_in_executor(None, sys.stdin.readline):  # pings are answered meanwhile
             line = line.strip()
             if line.startswith("exit"):
                 return int(line.split()[1])
@@ -81,9 +89,9 @@ def interactive(url: str) -> int:
                 body = {"model": "m", "store": False, "input": [
                     {"type": "function_call_output", "call_id": "call_never_made", "output": "x"}]}
             try:
-                ws.send(json.dumps({"type": "response.create", **body}))
+                await ws.send(json.dumps({"type": "response.create", **body}))
                 while True:
-                    event = json.loads(ws.recv(timeout=60))
+                    event = json.loads(await asyncio.wait_for(ws.recv(), 60))
                     if event["type"] in TERMINAL:
                         break
             except ConnectionClosed as e:
