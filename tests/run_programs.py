@@ -1,7 +1,7 @@
 """Programs tests/test_run.py runs under `replayguard run`, configured only by the environment `run` gives them
 (HTTPS_PROXY and the CA variables): nothing here names the proxy or its CA.
 
-    python run_programs.py sdk URL TURNS          the openai Python SDK: a tool-call chain over the Responses WebSocket
+    python run_programs.py sdk URL TURNS          the openai Python SDK (AsyncOpenAI): a tool-call chain over the WebSocket
     python run_programs.py interactive URL        a line-driven session on a terminal (see interactive())
 """
 
@@ -30,15 +30,21 @@ def request(n: int, previous: str | None, pending: str | None) -> dict[str, Any]
 
 
 def sdk(base_url: str, turns: int) -> int:
+    """AsyncOpenAI: the synchronous client's WebSocket (websockets' threaded client) now and then hangs its first
+    request over TLS 1.3, whatever the server (README, "What each client does with them")."""
+    return asyncio.run(_sdk(base_url, turns))
+
+
+async def _sdk(base_url: str, turns: int) -> int:
     import openai
 
-    client = openai.OpenAI(base_url=base_url, max_retries=0)  # the key from OPENAI_API_KEY
+    client = openai.AsyncOpenAI(base_url=base_url, max_retries=0)  # the key from OPENAI_API_KEY
     previous = pending = None
-    with client.responses.connect() as conn:
+    async with client.responses.connect() as conn:
         for n in range(1, turns + 1):
-            conn.response.create(**request(n, previous, pending))
+            await conn.response.create(**request(n, previous, pending))
             event = None
-            for event in conn:
+            async for event in conn:
                 if event.type in TERMINAL:
                     break
             if event is None or event.type != "response.completed":
