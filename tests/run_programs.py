@@ -1,7 +1,7 @@
 """Programs tests/test_run.py runs under `replayguard run`, configured only by the environment `run` gives them
 (HTTPS_PROXY and the CA variables): nothing here names the proxy or its CA.
 
-    python run_programs.py sdk URL TURNS          the openai Python SDK (AsyncOpenAI): a tool-call chain over the WebSocket
+    python run_programs.py sdk URL TURNS          the openai Python SDK (AsyncOpenAI): a tool-call chain
     python run_programs.py interactive URL        a line-driven session on a terminal (see interactive())
 """
 
